@@ -1,0 +1,66 @@
+"""Shared fixtures: small corpora made in the test, tiny configs, and one short trained run."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tinylm.config import Config  # noqa: E402
+
+ALPHABET = "abcdefgh"
+
+
+def markov_text(n: int, seed: int = 0) -> str:
+    """A first-order Markov chain over 8 letters where letter i is followed by letter 2i or 2i+1 (mod 8),
+    each with probability 1/2. Every letter has exactly two equally likely successors, so the best
+    possible next-character loss is ln 2 nats, and no model can do better."""
+    rng = random.Random(seed)
+    i, out = 0, []
+    for _ in range(n):
+        out.append(ALPHABET[i])
+        i = (2 * i + rng.randrange(2)) % 8
+    return "".join(out)
+
+
+def tiny_config(tmp_path: Path, paths: list, **sections) -> Config:
+    """A model and schedule small enough to train in seconds on a CPU."""
+    cfg = Config()
+    cfg.data.paths = [str(p) for p in paths]
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size = 1, 2, 32, 32
+    t = cfg.train
+    t.batch_size, t.max_steps, t.max_time, t.warmup_steps = 16, 40, 0, 5
+    t.eval_interval, t.eval_batches, t.log_interval, t.sample_tokens = 20, 4, 5, 20
+    t.lr, t.min_lr, t.device, t.dtype = 3e-3, 3e-4, "cpu", "float32"
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+@pytest.fixture
+def markov_file(tmp_path: Path) -> Path:
+    p = tmp_path / "markov.txt"
+    p.write_text(markov_text(30_000))
+    return p
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """One short BPE training run, shared by the tests that only read its outputs."""
+    from tinylm.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(("The cat sat on the mat. The dog sat on the log.\n" * 400) + "A bird sang.\n" * 100)
+    cfg = tiny_config(tmp, [corpus], data={"tokenizer": "bpe", "vocab_size": 300},
+                      train={"max_steps": 100, "eval_interval": 50})
+    result = train(cfg, run_dir=tmp / "runs" / "tiny", out=lambda s: None)
+    result["cfg"] = cfg
+    return result

@@ -1,0 +1,161 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import markov_text
+from tinylm import data
+from tinylm.config import DataConfig
+from tinylm.errors import UserError
+from tinylm.tokenizer import train_bpe
+
+
+def cfg_for(tmp_path, paths, **kw) -> DataConfig:
+    return DataConfig(paths=[str(p) for p in paths], cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_bom_and_line_endings_are_normalised(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_bytes("\ufeffone\r\ntwo\rthree\n".encode("utf-8"))
+    (doc,) = data.read_documents(cfg_for(tmp_path, [p]))
+    assert doc.text == "one\ntwo\nthree\n"
+
+
+def test_builtin_corpus_is_pydoc_reference_text():
+    doc = data.builtin_corpus()
+    assert 400_000 < len(doc.text.encode()) < 600_000
+    assert "assert" in doc.text and "\r" not in doc.text
+
+
+def test_split_is_deterministic_and_sized():
+    docs = [data.Document("a", "".join(f"line {i}\n" for i in range(1000)))]
+    train, val = data.split(docs, 0.1)
+    assert (train, val) == data.split(docs, 0.1)
+    assert "".join(train) + "".join(val) == docs[0].text
+    assert val[0].startswith("line ") and abs(len(val[0]) / len(docs[0].text) - 0.1) < 0.01
+
+
+def test_split_keeps_whole_documents_before_the_cut():
+    docs = [data.Document(str(i), f"doc {i}\n" * 10) for i in range(10)]
+    train, val = data.split(docs, 0.25)
+    assert train[:7] == [d.text for d in docs[:7]] and val[-2:] == [d.text for d in docs[-2:]]
+
+
+def test_chunked_encoding_equals_whole_encoding():
+    text = "".join(f"  indented {i}\n\nword{i} and more {i*7}\n  \n" for i in range(3000))
+    tok = train_bpe([text], 400)
+    pieces = data.chunks(text, size=1000)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    chunked = [i for ids in tok.encode_batch(pieces) for i in ids]
+    assert chunked == tok.encode(text)
+
+
+def test_storage_dtype():
+    assert data.storage_dtype(65_536) == np.uint16
+    assert data.storage_dtype(65_537) == np.uint32
+
+
+def test_prepare_writes_memmaps_and_meta(tmp_path):
+    p = tmp_path / "m.txt"
+    p.write_text(markov_text(5000))
+    prep = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    meta = json.loads((prep.dir / "meta.json").read_text())
+    assert meta["vocab_size"] == 9 and meta["dtype"] == "uint16"
+    assert len(prep.train) == meta["train_tokens"] and len(prep.val) == meta["val_tokens"]
+    assert meta["train_tokens"] + meta["val_tokens"] == 5000 + 2  # every character, plus EOT after each split
+    # The token files hold exactly the ids of the text, with EOT closing each split.
+    tok = prep.tokenizer
+    assert tok.decode(prep.train[:-1].tolist()) + tok.decode(prep.val[:-1].tolist()) == p.read_text()
+    assert prep.train[-1] == tok.eot_id
+
+
+def test_cache_is_reused_and_rebuilt_on_change(tmp_path):
+    p = tmp_path / "m.txt"
+    p.write_text(markov_text(5000))
+    first = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    again = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    assert not first.reused and again.reused and again.dir == first.dir
+
+    p.write_text(markov_text(6000))  # the input changes: a new cache
+    changed = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    assert not changed.reused and changed.dir != first.dir and changed.meta["train_tokens"] > first.meta["train_tokens"]
+
+    other = data.prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=300))  # tokenizer settings change
+    assert not other.reused and other.dir != changed.dir and other.meta["tokenizer"] == "bpe"
+    assert data.prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=300)).reused
+    assert not data.prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=320)).reused
+
+
+def test_folder_of_txt_files(tmp_path):
+    d = tmp_path / "books"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha " * 100)
+    (d / "sub" / "b.txt").write_text("beta " * 100)
+    (d / "skip.bin").write_bytes(b"\x00\x01")
+    docs = data.read_documents(cfg_for(tmp_path, [d]))
+    assert [os.path.basename(x.source) for x in docs] == ["a.txt", "b.txt"]
+
+
+def test_jsonl_through_datasets(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text("\n".join(json.dumps({"id": i, "story": f"story number {i}\r\n"}) for i in range(5)))
+    docs = data.read_documents(cfg_for(tmp_path, [p]))
+    assert [d.text for d in docs] == [f"story number {i}\n" for i in range(5)]
+
+
+def test_saved_dataset_through_datasets(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["first doc", "second doc"], "n": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    docs = data.read_documents(cfg_for(tmp_path, [tmp_path / "ds"]))
+    assert [d.text for d in docs] == ["first doc", "second doc"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"  \n\t\n", "holds only whitespace"),
+        (b"text\x00more", "binary file (NUL byte at offset 4)"),
+        (b"good line\nbad \xff byte", "not valid UTF-8 (byte 14, line 2)"),
+    ],
+)
+def test_bad_files_are_user_errors(tmp_path, content, message):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        data.read_documents(cfg_for(tmp_path, [p]))
+
+
+def test_invalid_utf8_can_be_replaced(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"good \xff byte")
+    (doc,) = data.read_documents(cfg_for(tmp_path, [p], errors="replace"))
+    assert doc.text == "good \ufffd byte"
+
+
+def test_missing_paths_and_empty_folders(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        data.read_documents(cfg_for(tmp_path, [tmp_path / "nope.txt"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .txt files"):
+        data.read_documents(cfg_for(tmp_path, [tmp_path / "empty"]))
+
+
+def test_batches_are_windows_shifted_by_one():
+    ids = np.arange(1000, dtype=np.uint16)
+    gen = torch.Generator().manual_seed(0)
+    x, y = data.get_batch(ids, 8, 16, gen, torch.device("cpu"))
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # the ids are consecutive, so each target is its input plus one
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)
+    gen2 = torch.Generator().manual_seed(0)
+    assert torch.equal(data.get_batch(ids, 8, 16, gen2, torch.device("cpu"))[0], x)
+
+
+def test_too_short_for_one_window():
+    with pytest.raises(UserError, match="fewer than one training window"):
+        data.check_window("training", 64, 64)
+    data.check_window("training", 65, 64)

@@ -1,0 +1,8 @@
+"""tinylm: train a tokenizer and a small transformer on a text file, sample from it, watch it learn.
+
+Modules, in the order data flows through them: `config` (settings), `tokenizer` and `data` (text to
+token ids on disk), `model` (the transformer and its parameter accounting), `train` (the loop),
+`checkpoint` (saving a run), `generate` (sampling), `cli` (the `tinylm` command).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Sampling text from a trained model, one token at a time, with a KV cache.
+
+`generate` yields token ids as they are chosen, so a caller can print them while the model works.
+With the cache each new token runs the model on that one token only. The model sees at most
+`block_size` tokens; when the window is full it keeps the most recent half and recomputes their
+keys and values once (learned positions give each slot a fixed position, so old keys cannot simply
+be shifted), which keeps the average cost per token flat however long the output grows. Without the
+cache (`use_cache=False`) every step re-runs the model on the same window: slower, same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from tinylm.model import GPT
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set with probability >= top_p."""
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # after the nucleus is complete
+        drop_sorted[..., 0] = False  # always keep the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator | None) -> int:
+    """One token id from the last position's logits; temperature 0 means always the most likely."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    gen: torch.Generator | None = None,
+    use_cache: bool = True,
+    stop_id: int | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids continuing `prompt` (which must not be empty)."""
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    was_training = model.training
+    model.eval()
+    device = model.head.weight.device
+    block = model.cfg.block_size
+    keep = max(1, block // 2)
+    tokens = list(prompt)
+    start = max(0, len(tokens) - block)  # the window the model sees is tokens[start:]
+    cache = model.new_cache() if use_cache else None
+
+    def run(ids: list[int]) -> torch.Tensor:
+        logits, _ = model(torch.tensor([ids], device=device), cache=cache)
+        return logits[0, -1]
+
+    try:
+        logits = run(tokens[start:])
+        for _ in range(max_new_tokens):
+            nxt = pick(logits, temperature, top_k, top_p, gen)
+            yield nxt
+            if nxt == stop_id:
+                return
+            tokens.append(nxt)
+            if len(tokens) - start > block:  # window full: slide it by half and recompute once
+                start = len(tokens) - keep
+                if cache is not None:
+                    cache.length = 0
+                logits = run(tokens[start:])
+            elif cache is not None:
+                logits = run([nxt])
+            else:
+                logits = run(tokens[start:])
+    finally:
+        model.train(was_training)

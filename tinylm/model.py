@@ -1,0 +1,212 @@
+"""The language model: token ids -> embeddings -> transformer blocks -> logits -> next-token loss.
+
+A GPT-2 style decoder: token embedding plus learned position embedding, `n_layer` pre-norm blocks of
+causal self-attention and an MLP, a final LayerNorm, and an output head that by default shares the
+token embedding matrix. Everything learnable is a weight or a bias, exactly as in the one-neuron
+y = w*x + b: `parameter_table` lists every tensor and says which it is.
+
+Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinylm.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, so each new token costs the same.
+
+    Pre-allocated for `max_len` positions; `length` is how many are filled. `GPT.forward` writes the new
+    tokens' keys and values at `length`, attends over everything up to them, then advances `length`.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int, device, dtype):
+        shape = (n_layer, batch, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Each token mixes in the value vectors of earlier tokens, weighted by query-key similarity."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # heads back into the residual stream
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            if past:  # new queries see every cached key and the new keys up to their own position
+                causal = False
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Per-token feed-forward network: widen 4x, GELU (GPT-2's tanh form), project back."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)  # token id -> vector: the seed's "cat" -> [0.25, -0.1, ...]
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)  # position 0..block_size-1 -> vector
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)  # vector -> one score (logit) per token
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # reading and writing tokens share one matrix (GPT-2)
+        self.apply(self._init)
+        # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer), so its
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.norm_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # The next-token loss: -log p(correct next token), averaged; float32 for a precise softmax.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        p = self.head.weight
+        hs = self.cfg.n_embd // self.cfg.n_head
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.cfg.block_size, hs, p.device, p.dtype)
+
+
+# ---------------------------------------------------------------- parameter accounting
+
+
+@dataclass
+class ParamRow:
+    name: str  # e.g. "blocks.0.attn.qkv.weight"
+    shape: tuple[int, ...]
+    count: int
+    kind: str  # "embedding", "weight", "bias" or "norm gain"
+
+
+def param_kind(name: str, p: torch.Tensor) -> str:
+    if name.endswith(".bias"):
+        return "bias"
+    if "emb" in name:
+        return "embedding"
+    if p.dim() == 1:
+        return "norm gain"  # LayerNorm's multiplier: a weight per channel, initialised to 1
+    return "weight"
+
+
+def parameter_table(model: nn.Module) -> list[ParamRow]:
+    """Every learnable tensor once (a tied head is not counted twice)."""
+    return [ParamRow(n, tuple(p.shape), p.numel(), param_kind(n, p)) for n, p in model.named_parameters()]
+
+
+def parameter_summary(rows: list[ParamRow]) -> dict[str, int]:
+    """Totals by kind; 'weights' counts every multiplier (matrices, embeddings, norm gains)."""
+    by = {k: sum(r.count for r in rows if r.kind == k) for k in ("embedding", "weight", "bias", "norm gain")}
+    return {
+        "total": sum(r.count for r in rows),
+        "embedding": by["embedding"],
+        "non_embedding": sum(r.count for r in rows) - by["embedding"],
+        "weights": by["embedding"] + by["weight"] + by["norm gain"],
+        "biases": by["bias"],
+        **{f"kind:{k}": v for k, v in by.items()},
+    }
+
+
+def format_parameter_table(rows: list[ParamRow], n_layer: int, tied: bool) -> str:
+    """A Markdown table: one block shown in full (all blocks are alike), then the totals."""
+    def keep(r: ParamRow) -> bool:
+        return not r.name.startswith("blocks.") or r.name.startswith("blocks.0.")
+
+    lines = ["| parameter | shape | count | kind |", "|---|---|---:|---|"]
+    for r in filter(keep, rows):
+        name = r.name.replace("blocks.0.", f"blocks.[0-{n_layer - 1}]." if n_layer > 1 else "blocks.0.")
+        each = f" (x{n_layer} = {r.count * n_layer:,})" if r.name.startswith("blocks.") and n_layer > 1 else ""
+        lines.append(f"| {name} | {'x'.join(map(str, r.shape))} | {r.count:,}{each} | {r.kind} |")
+    if tied:
+        lines.append("| head.weight | tied to tok_emb.weight | 0 (shared) | embedding |")
+    s = parameter_summary(rows)
+    lines += [
+        "",
+        f"total {s['total']:,} = weights {s['weights']:,} + biases {s['biases']:,}",
+        f"embeddings {s['embedding']:,}, everything else {s['non_embedding']:,}",
+    ]
+    return "\n".join(lines)

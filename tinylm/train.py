@@ -1,0 +1,375 @@
+"""The training loop: batches -> forward/backward -> AdamW step -> evaluation -> checkpoint -> TensorBoard.
+
+`train(cfg)` runs one training run into a run directory and returns its final figures; the command
+line (`python train.py`, `tinylm train`) is a thin layer over it. Everything a run needs is in its run
+directory: `config.yaml`, `tokenizer.json`, `data.json`, `checkpoint.pt` and TensorBoard event files.
+
+Gradient descent here is the seed's w_new = w - lr * dL/dw, done by AdamW for millions of weights at
+once. Weight decay (a pull of every weight towards zero) applies to weight matrices and embeddings
+only: biases and LayerNorm gains are left undecayed, as GPT-2 and nanoGPT do, since shrinking an
+offset or a per-channel scale towards zero does not make the model simpler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tinylm import __version__, checkpoint, config as config_
+from tinylm.config import Config, TrainConfig
+from tinylm.data import Prepared, check_window, get_batch, prepare
+from tinylm.errors import UserError
+from tinylm.generate import generate
+from tinylm.model import GPT, format_parameter_table, parameter_summary, parameter_table
+
+# ---------------------------------------------------------------- hardware
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' means the fastest thing present: CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but this torch build sees no CUDA GPU; use train.device=cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("train.device=mps but MPS is not available here; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast matrix products to, or None for plain float32. Weights stay float32."""
+    if setting == "float32":
+        return None
+    if setting == "bfloat16":
+        if device.type == "mps":
+            raise UserError("train.dtype=bfloat16 is not supported on MPS here; use float32")
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def learning_rate(step: int, progress: float, t: TrainConfig) -> float:
+    """Linear warmup over the first `warmup_steps`, then cosine decay from lr to min_lr.
+
+    `progress` in [0, 1] is how far the run is towards its end: steps over max_steps or, when a time
+    limit comes first, seconds over max_time, so the decay finishes whichever limit stops the run.
+    """
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warm * (t.min_lr + (t.lr - t.min_lr) * cosine)
+
+
+def progress(step: int, elapsed: float, t: TrainConfig) -> float:
+    by_time = elapsed / t.max_time if t.max_time else 0.0
+    return max(step / t.max_steps, by_time)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings (2-D tensors) only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ids: np.ndarray, t: TrainConfig, block: int, device, dtype, seed: int) -> float:
+    """Mean loss over `eval_batches` windows; the same windows every time, so evaluations compare."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(t.eval_batches):
+        x, y = get_batch(ids, t.batch_size, block, gen, device)
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        losses.append(loss.float())
+    model.train(was_training)
+    return torch.stack(losses).mean().item()
+
+
+def sample_text(model: GPT, prep: Prepared, n_tokens: int, seed: int) -> str:
+    tok = prep.tokenizer
+    gen = torch.Generator(device=model.head.weight.device).manual_seed(seed)
+    ids = list(generate(model, [tok.eot_id], n_tokens, temperature=0.8, top_k=50, gen=gen))
+    return tok.decode(ids)
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def new_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... if taken: a new run never overwrites an old one."""
+    candidate, n = root / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{name}-{n}"
+    return candidate
+
+
+def environment() -> dict[str, str]:
+    env = {
+        "tinylm": __version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # TorchVersion is not plain data: weights_only loads refuse it
+        "platform": platform.platform(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", s["numpy"]["keys"].numpy().astype(np.uint32), s["numpy"]["pos"], 0, 0.0))
+    keys, version, gauss = s["python"]
+    random.setstate((version, tuple(keys), gauss))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    out: Callable[[str], None] = print,
+    name: str = "default",
+) -> dict[str, Any]:
+    """Train per cfg into run_dir (a fresh runs/<name> if None); resume=True continues its checkpoint."""
+    t, m = cfg.train, cfg.model
+    device = pick_device(t.device)
+    dtype = autocast_dtype(t.dtype, device)
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+
+    prep = prepare(cfg.data)
+    meta = prep.meta
+    out(
+        f"data: {'reused' if prep.reused else 'prepared'} {prep.dir} | {prep.tokenizer.kind} tokenizer, "
+        f"vocab {prep.tokenizer.vocab_size:,} | train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens"
+    )
+    check_window("training", meta["train_tokens"], m.block_size)
+    check_window("validation", meta["val_tokens"], m.block_size)
+
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(name)
+    ckpt_path = run_dir / checkpoint.CHECKPOINT
+    state: dict[str, Any] | None = None
+    if resume:
+        state = checkpoint.load(ckpt_path)
+        changed = {k: v for k, v in config_.diff(config_.from_dict(state["config"]), cfg).items()
+                   if k.startswith(("model.", "data."))}
+        if changed:
+            key, (old, new) = next(iter(changed.items()))
+            raise UserError(f"cannot resume {run_dir}: {key} was {old!r} and is now {new!r}; start a new run instead")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_.save(cfg, run_dir / "config.yaml")
+    shutil.copyfile(prep.dir / "tokenizer.json", run_dir / "tokenizer.json")
+    (run_dir / "data.json").write_text(json.dumps({**meta, "cache": str(prep.dir)}, indent=2))
+
+    model = GPT(m, prep.tokenizer.vocab_size).to(device)
+    rows = parameter_table(model)
+    summary = parameter_summary(rows)
+    table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
+    out(table)
+    optimizer = make_optimizer(model, t, device)
+    n_decay = sum(p.numel() for p in optimizer.param_groups[0]["params"])
+    n_plain = sum(p.numel() for p in optimizer.param_groups[1]["params"])
+    out(
+        f"AdamW: weight decay {t.weight_decay} on {n_decay:,} weights (matrices, embeddings); "
+        f"none on {n_plain:,} biases and norm gains"
+    )
+    step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
+    batch_gen = torch.Generator().manual_seed(t.seed)  # the data-sampling position, saved in checkpoints
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen, elapsed, best_val = state["step"], state["tokens"], state["elapsed"], state["best_val"]
+        batch_gen.set_state(state["batch_rng"])
+        set_rng_state(state["rng"])
+        out(f"resumed {run_dir} at step {step}")
+    fwd = torch.compile(model) if t.compile else model
+
+    tokens_per_step = t.batch_size * t.grad_accum * m.block_size
+    out(
+        f"device {device}, {'bfloat16 autocast' if dtype else 'float32'}, "
+        f"{tokens_per_step:,} tokens per step, up to {t.max_steps:,} steps"
+        + (f" or {t.max_time:g} s" if t.max_time else "")
+    )
+
+    writer = _writer(run_dir, cfg, table, summary)
+
+    def save() -> None:
+        checkpoint.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "tokens": tokens_seen,
+                "elapsed": elapsed,
+                "best_val": best_val,
+                "batch_rng": batch_gen.get_state(),
+                "rng": rng_state(),
+                "config": cfg.to_dict(),
+                "vocab_size": prep.tokenizer.vocab_size,
+                "environment": environment(),
+            },
+            ckpt_path,
+        )
+
+    def run_eval() -> dict[str, float]:
+        nonlocal best_val
+        val = evaluate(fwd, prep.val, t, m.block_size, device, dtype, t.seed + 1)
+        train_loss = evaluate(fwd, prep.train, t, m.block_size, device, dtype, t.seed + 2)
+        bpb = val * prep.tokens_per_byte / math.log(2)
+        best_val = min(best_val, val)
+        for tag, value in (("val/loss", val), ("val/ppl", math.exp(min(val, 50))), ("val/bpb", bpb), ("train/eval_loss", train_loss)):
+            writer.add_scalar(tag, value, step)
+        line = f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f}, {bpb:.3f} bits/byte), train loss {train_loss:.4f}"
+        if t.sample_tokens:
+            text = sample_text(model, prep, t.sample_tokens, t.seed)
+            writer.add_text("samples", "```\n" + text + "\n```", step)
+            line += "\n--- sample ---\n" + text.strip() + "\n--------------"
+        tqdm.write(line) if out is print else out(line)
+        writer.flush()
+        return {"val_loss": val, "val_bpb": bpb, "train_loss": train_loss}
+
+    figures: dict[str, float] = {}
+    if step == 0:
+        figures = run_eval()
+    model.train()
+    interrupted = False
+    bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=out is not print, file=sys.stdout)
+    started = time.perf_counter() - elapsed
+    window_start, window_tokens = time.perf_counter(), 0
+    try:
+        while step < t.max_steps and not (t.max_time and elapsed >= t.max_time):
+            lr = learning_rate(step, progress(step, elapsed, t), t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(t.grad_accum):
+                x, y = get_batch(prep.train, t.batch_size, m.block_size, batch_gen, device)
+                with autocast(device, dtype):
+                    _, loss = fwd(x, y)
+                (loss / t.grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            if step % t.log_interval == 0:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                loss_value = loss.item()  # the only host sync in the step, and only every log_interval
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("lr", lr, step)
+                writer.add_scalar("grad_norm", float(grad_norm), step)
+                writer.add_scalar("tokens_per_sec", tps, step)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            if step % t.eval_interval == 0:
+                figures = run_eval()
+                save()
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    if interrupted:
+        save()
+        writer.close()
+        out(f"interrupted at step {step}; checkpoint saved. Resume with: python train.py --resume {run_dir}")
+        return {"run_dir": str(run_dir), "step": step, "interrupted": True, **figures}
+    if step % t.eval_interval:
+        figures = run_eval()
+    save()
+    writer.add_scalar("time/elapsed_sec", elapsed, step)
+    writer.close()
+    out(
+        f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s; val loss {figures.get('val_loss', float('nan')):.4f}\n"
+        f"run saved in {run_dir}\n"
+        f"  sample:      tinylm sample {run_dir} --prompt \"The\"\n"
+        f"  tensorboard: tensorboard --logdir {run_dir.parent}"
+    )
+    return {"run_dir": str(run_dir), "step": step, "elapsed": elapsed, "tokens": tokens_seen,
+            "parameters": summary["total"], "interrupted": False, "model": model, **figures}
+
+
+def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int]):
+    """A TensorBoard writer with the run's description logged once: config, parameters, hyperparameters."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    import yaml
+
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("parameters", table)
+    writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
+    writer.add_text("environment", "\n".join(f"- {k}: {v}" for k, v in environment().items()))
+    for key, value in summary.items():
+        writer.add_scalar(f"parameters/{key.replace('kind:', '').replace(' ', '_')}", value, 0)
+    flat = {
+        f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for s, section in cfg.to_dict().items() for k, v in section.items()
+    }
+    # Written into this run's own event file (add_hparams would start a separate run folder).
+    for proto in hparams(flat, {"val/loss": 0.0, "val/bpb": 0.0}):
+        writer.file_writer.add_summary(proto)
+    return writer
