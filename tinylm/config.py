@@ -31,6 +31,14 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers (the "b" in y = w*x + b)
     dropout: float = 0.0
     tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2 does)
+    # Architecture switches. GPT-2 is learned/layernorm/gelu; Llama is rope/rmsnorm/swiglu without biases.
+    pos: str = "learned"  # "learned" position embeddings (GPT-2) or "rope" (rotary, as in Llama)
+    rope_theta: float = 10000.0  # RoPE base: the slowest rotation's period grows with it
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama: no mean subtraction, no bias)
+    norm_eps: float = 1e-5  # added to the variance inside every norm
+    mlp: str = "gelu"  # "gelu" (GPT-2), "relu2" (ReLU squared) or "swiglu" (Llama's gated SiLU)
+    mlp_hidden: int = 0  # MLP width; 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to 64 (same size)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2)
 
 
 @dataclass
@@ -65,6 +73,8 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 autocast where the hardware has fast bf16, else float32
     compile: bool = False  # torch.compile the model
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as lr)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -170,6 +180,14 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if not 0 <= m.dropout < 1:
         raise UserError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    _choice("model.pos", m.pos, ("learned", "rope"))
+    _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
+    _choice("model.mlp", m.mlp, ("gelu", "relu2", "swiglu"))
+    positive("model.rope_theta", m.rope_theta)
+    positive("model.norm_eps", m.norm_eps)
+    non_negative("model.mlp_hidden", m.mlp_hidden)
+    if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
+        raise UserError(f"model.pos=rope needs an even head size, got n_embd/n_head = {m.n_embd // m.n_head}")
 
     _choice("data.tokenizer", d.tokenizer, ("bpe", "char"))
     _choice("data.errors", d.errors, ("strict", "replace"))
@@ -193,6 +211,8 @@ def validate(cfg: Config) -> Config:
     if t.device not in ("auto", "cpu", "mps") and not t.device.startswith("cuda"):
         raise UserError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
+    positive("train.muon_lr", t.muon_lr)
     return cfg
 
 
