@@ -3,7 +3,7 @@
     python -m benchmarks.run                      # the full run: 60 s and 600 s budgets (about 45 minutes)
     python -m benchmarks.run --quick              # a few minutes: shorter measurements, one 30 s budget
     python -m benchmarks.run --suites throughput,sampling --corpus path/to/tinyshakespeare.txt
-    python -m benchmarks.run --levers             # also each speed lever on its own (adds ~10-20 minutes)
+    python -m benchmarks.run --levers             # also each lever on its own (adds about 20 minutes; quick 8)
 
 Suites: `peak` (the machine's matrix-product ceiling, fp32 and bf16), `throughput` (training tokens/s
 and FLOP/s at 4L/4H/128w/ctx64/batch 12 and 6L/6H/384w/ctx256/batch 16), `loss` (seconds to a full
@@ -40,11 +40,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--suites", default=",".join(SUITES), help="comma-separated, from: " + ", ".join(SUITES))
     p.add_argument("--budgets", help="training budgets in seconds for the loss suite (default 60,600; quick 30)")
     p.add_argument("--evals", type=int, default=20, help="full validation evaluations per budget (default 20)")
+    p.add_argument("--loss_shape", default="4,4,128,64,12",
+                   help="n_layer,n_head,n_embd,block_size,batch_size of the tuned recipe in the loss suite "
+                        "(default: the baseline's, so both train the same model size)")
     p.add_argument("--seconds", type=float, help="seconds per throughput measurement (default 20; quick 6)")
     p.add_argument("--sample_tokens", type=int, help="new tokens per sampling run (default 1000; quick 500)")
     p.add_argument("--nocache_tokens", type=int, help="new tokens without the KV cache (default 1000; quick 300)")
     p.add_argument("--levers", action="store_true", help="also measure each speed lever on its own")
-    p.add_argument("--lever_budget", type=float, help="training budget per lever's loss run (default 60; quick 20)")
+    p.add_argument("--lever_tokens", type=float, help="training tokens per lever's loss run (default 750,000; quick 250,000)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cache_dir", default=str(REPO / "data" / "cache"), help="prepared-corpus cache")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks.json", help="JSON results (default: %(default)s)")
     a = p.parse_args(argv)
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.seconds = a.seconds or (6.0 if q else 20.0)
     a.sample_tokens = a.sample_tokens or (500 if q else 1000)
     a.nocache_tokens = a.nocache_tokens or (300 if q else 1000)
-    a.lever_budget = a.lever_budget or (20.0 if q else 60.0)
+    a.lever_tokens = a.lever_tokens or (250_000 if q else 750_000)
     a.suites = [s.strip() for s in a.suites.split(",") if s.strip()]
     unknown = set(a.suites) - set(SUITES)
     if unknown:
@@ -69,6 +73,8 @@ def log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
                                "machine": machine(), "settings": {k: str(v) for k, v in vars(a).items()}}
     cfgs = {name: recipe(name, a.corpus, a.cache_dir) for name in RECIPES}
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfgs["tuned"].train.device)
     results["recipes"] = {name: cfg.to_dict() for name, cfg in cfgs.items()}
     peak = {}
-    if "peak" in a.suites or "throughput" in a.suites:
+    if "peak" in a.suites or "throughput" in a.suites or a.levers:
         log("measuring the matrix-product peak ...")
         peak = {"float32": matmul_peak(torch.float32, device), "bfloat16": matmul_peak(torch.bfloat16, device)}
         results["peak_flops"] = peak
@@ -92,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 r["fraction_of_peak"] = r["flops_per_s"] / peak[r["autocast"]]
                 results["throughput"][f"{shape}/{name}"] = r
     if "loss" in a.suites:
+        L, H, C, T, B = (int(x) for x in a.loss_shape.split(","))
+        loss_shape = {"model.n_layer": L, "model.n_head": H, "model.n_embd": C, "model.block_size": T, "train.batch_size": B}
         results["loss"] = {}
         for budget in a.budgets:
             for name in RECIPES:
                 log(f"loss: {name} for {budget:g} s ...")
-                cfg = recipe(name, a.corpus, a.cache_dir)
+                cfg = recipe(name, a.corpus, a.cache_dir, loss_shape if name == "tuned" else None)
                 results["loss"][f"{budget:g}/{name}"] = budget_run(cfg, prep, budget, a.evals, TARGET, foreach_adamw=name == "baseline")
     if "sampling" in a.suites:
         results["sampling"] = {}
@@ -150,7 +158,7 @@ def table(r: dict[str, Any], a: argparse.Namespace) -> str:
         row("  % of peak (own precision)", 100 * b["fraction_of_peak"], 100 * t["fraction_of_peak"], "{:.1f}%", ratio=False)
         row("  warm-up s (3 steps, compile)", b["warmup_s"], t["warmup_s"], "{:.1f}", ratio=False)
     if "loss" in r:
-        rows.append((f"full validation loss (target {TARGET})", "", "", ""))
+        rows.append((f"full validation loss (target {TARGET}; tuned at {a.loss_shape.replace(',', '/')})", "", "", ""))
         reach = {n: [x["time_to_target_s"] for k, x in r["loss"].items() if k.endswith("/" + n) and x["time_to_target_s"]] for n in RECIPES}
         first = {n: min(v) if v else None for n, v in reach.items()}
         rows.append((f"  seconds to {TARGET}", fmt_seconds(first["baseline"]), fmt_seconds(first["tuned"]),

@@ -128,8 +128,9 @@ def make_optimizer(
 def describe_optimizer(optimizer: torch.optim.Optimizer, t: TrainConfig) -> str:
     """One line per optimizer part: which tensors are decayed, which are not, which Muon moves."""
     count = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+    decayed = "embeddings" if len(count) > 2 else "matrices, embeddings"
     lines = [
-        f"AdamW: weight decay {t.weight_decay} on {count[0]:,} weights (matrices, embeddings); "
+        f"AdamW: weight decay {t.weight_decay} on {count[0]:,} weights ({decayed}); "
         f"none on {count[1]:,} biases and norm gains"
     ]
     if len(count) > 2:
