@@ -1,4 +1,4 @@
-"""The `tinylm` command: `tinylm train ...` and `tinylm sample RUN_DIR ...`.
+"""The `tinylm` command: `tinylm train ...`, `tinylm sample RUN_DIR ...` and `tinylm explain [RUN_DIR]`.
 
 Only argument parsing and friendly errors live here: a `UserError` from anywhere below becomes one
 `error: ...` line on stderr and exit status 2, never a traceback.
@@ -6,6 +6,7 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
     tinylm train [--config PATH] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--section.field=VALUE ...]
     tinylm sample RUN_DIR [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
                   [--seed S] [--num_samples N]
+    tinylm explain [RUN_DIR] [--neighbors TOKEN ...]
 """
 
 from __future__ import annotations
@@ -130,7 +131,25 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+def cmd_explain(argv: list[str]) -> int:
+    p = _Parser(prog="tinylm explain",
+                description="The seed's one-neuron example computed by PyTorch, then the real model's weights and biases.")
+    p.add_argument("run_dir", nargs="?", help="a trained run (default: the default recipe's model, untrained)")
+    p.add_argument("--neighbors", nargs="+", metavar="TOKEN", default=[],
+                   help="show the tokens whose embeddings are nearest to these (needs RUN_DIR)")
+    args = p.parse_args(argv)
+    if args.neighbors and not args.run_dir:
+        raise UserError("--neighbors needs a trained run: tinylm explain RUN_DIR --neighbors WORD ...")
+    if args.run_dir and not Path(args.run_dir).is_dir():
+        raise UserError(f"run directory not found: {args.run_dir}")
+
+    from tinylm.explain import explain
+
+    explain(args.run_dir, args.neighbors)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinylm import __version__, checkpoint, config as config_
+from tinylm import __version__, checkpoint, config as config_, tblog
 from tinylm.config import Config, TrainConfig
 from tinylm.data import Prepared, check_window, get_batch, prepare
 from tinylm.errors import UserError
@@ -250,6 +250,7 @@ def train(
     )
 
     writer = _writer(run_dir, cfg, table, summary)
+    tblog.watch_updates(optimizer, model, writer, lambda: step + 1, t.log_interval)  # update/weight ratios
 
     def save() -> None:
         checkpoint.save(
@@ -277,6 +278,7 @@ def train(
         best_val = min(best_val, val)
         for tag, value in (("val/loss", val), ("val/ppl", math.exp(min(val, 50))), ("val/bpb", bpb), ("train/eval_loss", train_loss)):
             writer.add_scalar(tag, value, step)
+        tblog.log_histograms(writer, model, step)
         line = f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f}, {bpb:.3f} bits/byte), train loss {train_loss:.4f}"
         if t.sample_tokens:
             text = sample_text(model, prep, t.sample_tokens, t.seed)
@@ -341,6 +343,7 @@ def train(
         figures = run_eval()
     save()
     writer.add_scalar("time/elapsed_sec", elapsed, step)
+    tblog.log_embeddings(writer, model, prep.tokenizer, step)
     writer.close()
     out(
         f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s; val loss {figures.get('val_loss', float('nan')):.4f}\n"
