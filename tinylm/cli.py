@@ -133,7 +133,7 @@ def cmd_sample(argv: list[str]) -> int:
 
 def cmd_explain(argv: list[str]) -> int:
     p = _Parser(prog="tinylm explain",
-                description="The seed's one-neuron example computed by PyTorch, then the real model's weights and biases.")
+                description="A neuron's y = w*x + b computed by PyTorch, then the real model's weights and biases.")
     p.add_argument("run_dir", nargs="?", help="a trained run (default: the default recipe's model, untrained)")
     p.add_argument("--neighbors", nargs="+", metavar="TOKEN", default=[],
                    help="show the tokens whose embeddings are nearest to these (needs RUN_DIR)")

@@ -8,6 +8,7 @@ The lesson, every number computed by PyTorch as it is printed:
 1. One neuron, y = w*x + b, as a real `nn.Linear(1, 1)`: the worked example of the seed document
    (`seeds/000_*.txt`: x = 2, w = 0.5, b = 1, loss 1/2 (y - y_true)^2, learning rate 0.1), autograd's
    gradients and one step of gradient descent, printed beside the seed's own numbers; then through ReLU.
+   (The output calls the seed document "the primer": that is what it is to a reader.)
 2. The seed's activation functions (sigmoid, ReLU, tanh, softmax): values and slopes by autograd, and
    where each one lives in the model.
 3. Every parameter tensor of the model (the same table `train` prints and logs to TensorBoard), what
@@ -101,10 +102,11 @@ def section_neuron(out: Callable[[str], None]) -> None:
         out(f"  {label:<34} {seed:>9} {num(torch_value):>9}")
 
     out("1. ONE NEURON: y = w*x + b, computed by PyTorch")
-    out("  The seed's example on a real nn.Linear(1, 1): input x = 2, weight w = 0.5, bias b = 1,")
-    out("  loss L = 1/2 (y - y_true)^2, gradients by autograd (loss.backward()), one torch.optim.SGD step.")
+    out("  The worked example of the weights-and-biases primer tinylm grew from, on a real nn.Linear(1, 1):")
+    out("  input x = 2, weight w = 0.5, bias b = 1, loss L = 1/2 (y - y_true)^2, gradients by autograd")
+    out("  (loss.backward()) and one step of torch.optim.SGD, beside the primer's own numbers.")
     out("")
-    out(f"  {'':<34} {'the seed':>9} {'PyTorch':>9}")
+    out(f"  {'':<34} {'primer':>9} {'PyTorch':>9}")
     out("  y_true = 2")
     row("prediction y = w*x + b", num(s["pred"]), right.pred)
     row("loss", num(s["loss_right"]), right.loss)
@@ -114,18 +116,18 @@ def section_neuron(out: Callable[[str], None]) -> None:
     row("loss", num(s["loss"]), wrong.loss)
     row("dL/dw = (y - y_true) * x", num(s["grad_w"]), wrong.grad_w)
     row("dL/db = (y - y_true)", "", wrong.grad_b)
-    out(f"  step w <- w - {num(s['lr'])} * dL/dw, b held at 1 (as the seed does):")
+    out(f"  step w <- w - {num(s['lr'])} * dL/dw, b held at 1 (as the primer does):")
     row("new w", num(s["w_new"]), wrong.w_new)
     row("new prediction", num(s["pred_new"]), wrong.pred_new)
     row("new loss", num(s["loss_new"]), wrong.loss_new)
-    out(f"  The seed leaves the bias's step out. Its gradient is {num(both.grad_b)}, so b <- 1 - 0.1 * ({num(both.grad_b)})"
+    out(f"  The primer leaves the bias's step out. Its gradient is {num(both.grad_b)}, so b <- 1 - 0.1 * ({num(both.grad_b)})"
         f" = {num(both.b_new)};")
     out(f"  with w = {num(both.w_new)} and b = {num(both.b_new)} the prediction is {num(both.pred_new)}"
         f" and the loss {num(both.loss_new)} (instead of {num(wrong.loss_new)}).")
     out("")
-    out("  Through ReLU (the seed's second example): z = w*x + b, y = ReLU(z) = max(0, z)")
+    out("  Through ReLU (the primer's second example): z = w*x + b, y = ReLU(z) = max(0, z)")
     out(f"  z = {num(relu.pred)}, y = {num(relu.pred)}, loss {num(relu.loss)}, "
-        f"dL/dw = (y - y_true) * ReLU'(z) * x = {num(relu.grad_w)}, new w {num(relu.w_new)} (the seed: -2 and 0.7)")
+        f"dL/dw = (y - y_true) * ReLU'(z) * x = {num(relu.grad_w)}, new w {num(relu.w_new)} (the primer: -2 and 0.7)")
     out(f"  With x = -4, z = -1 < 0: y = {num(dead.pred)}, loss {num(dead.loss)}, but ReLU'(z) = 0 so "
         f"dL/dw = {num(dead.grad_w)} and w stays {num(dead.w_new)}:")
     out("  a neuron whose input is negative gets no gradient at all (a 'dead' ReLU).")
@@ -182,9 +184,9 @@ def section_activations(model: nn.Module, out: Callable[[str], None]) -> None:
         out(f"    {names}: between the two weight matrices of every block's MLP, the only bend there.")
     else:
         out("    the MLP's activation is applied in code (MLP.forward in tinylm/model.py), between its two matrices.")
-    out("    GELU is a smooth ReLU: about x * sigmoid(1.702 x); its tanh form is 0.5 x (1 + tanh(0.798 (x + 0.045 x^3))).")
-    out("    ReLU and its square are the cheaper alternatives; without any bend, the stacked layers would collapse")
-    out("    into one linear map, as the seed says.")
+    if any(isinstance(m, nn.GELU) for m in in_model):
+        out("    GELU is a smooth ReLU, about x * sigmoid(1.702 x); its tanh form is 0.5 x (1 + tanh(0.798 (x + 0.045 x^3))).")
+    out("    Without a bend the stacked layers would collapse into one linear map, as the primer says.")
     out("    softmax: in every attention layer (how much each earlier token counts), in the loss (cross-entropy")
     out("    turns the output head's scores into next-token probabilities) and in sampling (tinylm sample).")
 
@@ -219,7 +221,7 @@ def formula_text(cfg: ModelConfig) -> str:
 # What each layer does, by the end of its name: (its title, what its weights do). Biases and norm gains
 # are described through their layer; a name not listed here gets the line for its kind.
 LAYER_ROLES = {
-    "tok_emb": ("token embeddings", "row i is token i's vector (the seed's \"cat\" -> [0.25, -0.1, ...])"),
+    "tok_emb": ("token embeddings", "row i is token i's vector, like the primer's \"cat\" -> [0.25, -0.1, ...]"),
     "pos_emb": ("position embeddings", "row t is added to the vector of the token at position t"),
     "attn.qkv": ("attention in", "turns each token's vector into a query, a key and a value"),
     "attn.proj": ("attention out", "mixes the heads' results back into the token's vector"),
@@ -286,7 +288,7 @@ def section_parameters(model: GPT, title: str, out: Callable[[str], None]) -> No
         out("  This recipe has no biases (model.bias=false): every learnable number is a weight, each neuron computes")
         out("  y = w*x with no + b, and the norms have gains only. model.bias=true puts the b's back.")
     else:
-        out(f"  Weights {s['weights']:,} and biases {s['biases']:,}: the seed's \"parameters = weights + biases\".")
+        out(f"  Weights {s['weights']:,} and biases {s['biases']:,}: the primer's \"parameters = weights + biases\".")
     out("")
     total, formula = s["total"], parameter_formula(cfg, vocab)
     out(f"  The count in closed form (V vocabulary, T context, C width, L layers): {formula_text(cfg)}")
@@ -296,7 +298,7 @@ def section_parameters(model: GPT, title: str, out: Callable[[str], None]) -> No
     models = [("this model", cfg, vocab), ("GPT-2 small", GPT2_SMALL, GPT2_VOCAB), ("GPT-2 XL", GPT2_XL, GPT2_VOCAB)]
     for label, c, v in models:
         note = {"this model": "= the table's total" if formula == total else "",
-                "GPT-2 XL": "the seed's \"GPT-2 -> 1.5B parameters\""}.get(label, "")
+                "GPT-2 XL": "the primer's \"GPT-2 -> 1.5B parameters\""}.get(label, "")
         count = parameter_formula(c, v)
         out(f"    {label:<14}{c.n_layer:>7}{c.n_embd:>7}{c.block_size:>8}{v:>8,}{count:>16,}  {note}".rstrip())
     if formula != total:
@@ -404,7 +406,7 @@ def section_step(report: StepReport, how: str, out: Callable[[str], None]) -> No
     b1, b2 = r.betas
     out(f"4. ONE REAL TRAINING STEP: {how}")
     out(f"  loss on this batch: {r.loss_before:.4f} before the step, {r.loss_after:.4f} after it")
-    out("  The seed's rule is w <- w - lr*g. AdamW, tinylm's optimizer, divides a running average of the gradient")
+    out("  The primer's rule is w <- w - lr*g. AdamW, tinylm's optimizer, divides a running average of the gradient")
     out(f"  (m <- {b1:g} m + {1 - b1:.2g} g) by a running average of its size (v <- {b2:g} v + {1 - b2:.2g} g^2), so every"
         " number moves")
     out("  by about lr whatever its gradient's scale, and it pulls weights (not biases) towards 0 by lr*wd*w:")
@@ -415,7 +417,7 @@ def section_step(report: StepReport, how: str, out: Callable[[str], None]) -> No
         by_hand = adamw_by_hand(w, r.lr, r.betas, r.eps)
         out(f"  {w.kind} {w.name}, the entry with the largest gradient (AdamW step {w.t + 1}):")
         out(f"    before {w.before:+.6f}  gradient {w.grad:+.6f}  after {w.after:+.6f}  (by hand {by_hand:+.6f};"
-            f" the seed's rule would give {w.before - r.lr * w.grad:+.6f})")
+            f" the primer's rule would give {w.before - r.lr * w.grad:+.6f})")
     out("  Training does this to every parameter at once, step after step: that is all `tinylm train` does.")
     if r.bias is None:
         out("  This recipe has no biases (model.bias=false), so there is no b to watch: every parameter here is a weight.")
@@ -457,7 +459,7 @@ def section_neighbors(emb: torch.Tensor, tok, words: list[str], example: int, tr
     out(f"5. TOKENS AS VECTORS: the token embedding matrix, {emb.shape[0]:,} tokens x {emb.shape[1]} numbers")
     first = ids[0] if ids else example
     vector = ", ".join(f"{v:.2f}" for v in emb[first, :4].tolist())
-    out(f"  the seed's \"cat\" -> [0.25, -0.1, 0.4, ...]; here {token_label(tok, first)} -> [{vector}, ...]"
+    out(f"  the primer's \"cat\" -> [0.25, -0.1, 0.4, ...]; here {token_label(tok, first)} -> [{vector}, ...]"
         f" ({emb.shape[1]} numbers, learned)")
     if not trained:
         out("  (this run has not been trained yet: its vectors are still random, and so are their neighbours)")
@@ -466,7 +468,7 @@ def section_neighbors(emb: torch.Tensor, tok, words: list[str], example: int, tr
         return
     out("  Nearest tokens by cosine similarity (1 = same direction, 0 = unrelated):")
     for word, i in zip(words, ids):
-        near = ", ".join(f"{token_label(tok, j)} {sim:.2f}" for j, sim in nearest_neighbors(emb, i))
+        near = ", ".join(f"{token_label(tok, j)} {sim:.2f}" for j, sim in nearest_neighbors(emb, i, k=6))
         out(f"    {token_label(tok, i):>12}: {near}")
 
 
