@@ -12,9 +12,9 @@ Reading: a checkpoint is `torch.save`'s zip archive. `load` checks every member'
 with `torch.load(weights_only=True)`, which accepts only tensors and plain data: a file crafted to run
 code when unpickled is refused, not executed. Every failure is one line naming the file.
 
-Resuming: `check_resume` refuses a checkpoint whose model, tokenizer or data differ from the new
-config's, naming the difference, and lists the harmless changes (train.*: more steps, a new time
-limit, another device); `restore` and the RNG states put back everything an exact resume needs.
+Resuming: `check_resume` and `check_resume_data` refuse a checkpoint whose model, tokenizer or data
+differ from the new config's, naming the difference, and list the harmless changes (train.*: more
+steps, a new time limit, another device); `restore` puts back everything an exact resume needs.
 
 Test hook: TINYLM_TEST_SAVE_PAUSE=N:SECONDS makes this process's N-th checkpoint save say so on stderr
 and sleep after the temporary file is written and before it is renamed, so that a test can SIGKILL a
@@ -186,9 +186,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, zip errors: all mean "not a checkpoint"
         text = str(e).strip()
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        unsafe = re.search(r"GLOBAL (\S+)", text)  # torch's wording varies between versions
         if unsafe:  # the file asks to import and call something: a crafted or foreign pickle
             reason = f"it references {unsafe.group(1)}, and only tensors and plain data are loaded"
+        elif "weights only" in text.lower():
+            reason = "it holds objects other than tensors and plain data, which are not loaded"
         else:
             reason = text.splitlines()[0][:200] if text else type(e).__name__
         raise UserError(f"cannot load checkpoint {path}: {reason}") from None
@@ -226,36 +228,42 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
 # ---------------------------------------------------------------- resuming
 
 
-def check_resume(state: dict[str, Any], cfg, data_id: dict[str, Any], path: Path) -> list[str]:
-    """Refuse (UserError naming the difference) resuming `state` under cfg if the model, the tokenizer or
-    the data differ; return the harmless differences ("train.max_steps: 40 -> 80") for the log.
-
-    The data is compared by its fingerprint (tokenizer file and token ids), so moving the corpus or the
-    cache is fine while editing the text is not; a checkpoint without one compares the data settings.
-    """
+def check_resume(state: dict[str, Any], cfg, path: Path) -> list[str]:
+    """Refuse (UserError naming the key) resuming `state` under cfg if the model or the tokenizer settings
+    differ; return every difference for the log ("train.max_steps: 40 -> 80"), the data's checked later
+    by `check_resume_data` (run before the data is prepared, so a refusal comes at once)."""
     from tinylm import config as config_
 
     require(state, RESUME_KEYS, path)
     changed = config_.diff(config_.from_dict(state["config"], source=f"config in {path}"), cfg)
-    refuse = f"cannot resume from {path}"
     for key, (old, new) in changed.items():
-        if key.startswith("model."):
-            raise UserError(f"{refuse}: {key} was {old!r} and is now {new!r} (the architecture must not change); start a new run instead")
-        if key in ("data.tokenizer", "data.vocab_size"):
-            raise UserError(f"{refuse}: {key} was {old!r} and is now {new!r} (the tokenizer must not change); start a new run instead")
+        what = "the architecture" if key.startswith("model.") else "the tokenizer" if key in ("data.tokenizer", "data.vocab_size") else ""
+        if what:
+            raise UserError(f"cannot resume from {path}: {key} was {old!r} and is now {new!r} ({what} must not change); "
+                            "start a new run instead")
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+
+
+def check_resume_data(state: dict[str, Any], cfg, data_id: dict[str, Any], path: Path) -> None:
+    """Refuse resuming on data other than the checkpoint's. The data is compared by its fingerprint
+    (tokenizer file, token ids), so moving the corpus or the cache is fine while editing the text is not;
+    a checkpoint without a fingerprint compares the data settings instead."""
+    from tinylm import config as config_
+
+    changed = config_.diff(config_.from_dict(state["config"], source=f"config in {path}"), cfg)
     data_keys = [k for k in changed if k.startswith("data.") and k != "data.cache_dir"]
     old_id = state.get("data")
-    if old_id != data_id and (old_id is not None or data_keys):
-        if old_id is None:
-            what = "the data settings changed"
-        elif old_id.get("tokenizer_sha256") != data_id["tokenizer_sha256"]:
-            what = "the tokenizer differs from the one the checkpoint was trained with"
-        else:
-            what = (f"the data differs from the checkpoint's (train/val tokens {old_id.get('train_tokens'):,}/"
-                    f"{old_id.get('val_tokens'):,}, now {data_id['train_tokens']:,}/{data_id['val_tokens']:,})")
-        keys = "; ".join(f"{k} was {changed[k][0]!r} and is now {changed[k][1]!r}" for k in data_keys)
-        raise UserError(f"{refuse}: {what}{f' ({keys})' if keys else ''}; start a new run instead")
-    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+    if old_id == data_id or (old_id is None and not data_keys):
+        return
+    if old_id is None:
+        what = "the data settings changed"
+    elif old_id.get("tokenizer_sha256") != data_id["tokenizer_sha256"]:
+        what = "the tokenizer differs from the one the checkpoint was trained with"
+    else:
+        what = (f"the data differs from the checkpoint's (train/val tokens {old_id.get('train_tokens'):,}/"
+                f"{old_id.get('val_tokens'):,}, now {data_id['train_tokens']:,}/{data_id['val_tokens']:,})")
+    keys = "; ".join(f"{k} was {changed[k][0]!r} and is now {changed[k][1]!r}" for k in data_keys)
+    raise UserError(f"cannot resume from {path}: {what}{f' ({keys})' if keys else ''}; start a new run instead")
 
 
 def rng_state() -> dict[str, Any]:

@@ -301,10 +301,14 @@ def _inspect_cache(dir_: Path) -> tuple[dict | None, str]:
     return meta, ""
 
 
+def _bytes(ids: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(ids)).cast("B")
+
+
 def _sha256(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        h.update(_bytes(a))
     return h.hexdigest()
 
 
@@ -339,8 +343,9 @@ def build(cfg: DataConfig, out: Path) -> dict:
     val_ids = encode_documents(tok, val_texts, dtype)
     try:
         tok.save(out / "tokenizer.json")  # tokenizers raises a bare Exception when it cannot write
-        train_ids.tofile(out / "train.bin")
-        val_ids.tofile(out / "val.bin")
+        for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
+            with open(out / name, "wb") as f:  # not ndarray.tofile, whose error drops the reason (disk full)
+                f.write(_bytes(ids))
     except Exception as e:
         raise _cache_error(out.parent, e) from None
     meta = {

@@ -180,6 +180,16 @@ def train(
     np.random.seed(t.seed)
     random.seed(t.seed)
 
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(name)
+    ckpt_path = run_dir / checkpoint.CHECKPOINT
+    if resume:
+        state: dict[str, Any] | None = checkpoint.load(ckpt_path)
+        changes = checkpoint.check_resume(state, cfg, ckpt_path)
+    elif ckpt_path.exists():
+        raise UserError(f"{run_dir} already holds a checkpoint; continue it with --resume {run_dir}, or pick another --run_dir")
+    else:
+        state = None
+
     prep = prepare(cfg.data)
     meta = prep.meta
     if prep.note:
@@ -191,17 +201,12 @@ def train(
     check_window("training", meta["train_tokens"], m.block_size)
     check_window("validation", meta["val_tokens"], m.block_size)
 
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(name)
-    ckpt_path = run_dir / checkpoint.CHECKPOINT
     data_id = fingerprint(prep)
-    state: dict[str, Any] | None = None
-    if resume:
-        state = checkpoint.load(ckpt_path)
-        for change in checkpoint.check_resume(state, cfg, data_id, ckpt_path):
+    if state is not None:
+        checkpoint.check_resume_data(state, cfg, data_id, ckpt_path)
+        for change in changes:
             out(f"resume: {change}")
         checkpoint.remove_stale_temps(run_dir)
-    elif ckpt_path.exists():
-        raise UserError(f"{run_dir} already holds a checkpoint; continue it with --resume {run_dir}, or pick another --run_dir")
     checkpoint.write_run_files(run_dir, config_.to_yaml(cfg), prep.dir / "tokenizer.json",
                                json.dumps({**meta, "cache": str(prep.dir)}, indent=2))
 
