@@ -239,8 +239,9 @@ def train(
 
     # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
     writer = _writer(run_dir, cfg, table, summary, purge_step=step + 1 if state is not None else None)
-    saver = checkpoint.Saver(ckpt_path, state["step"] if state is not None else None, out)
-    blowup = guard.BlowUpGuard(t.max_bad_steps, device, optimizer, out)
+    say = tqdm.write if out is print else out  # lines printed while the progress bar is on screen
+    saver = checkpoint.Saver(ckpt_path, state["step"] if state is not None else None, say)
+    blowup = guard.BlowUpGuard(t.max_bad_steps, device, optimizer, say)
     poisoned = guard.injected_nan_steps()
 
     def save(final: bool) -> None:
