@@ -24,6 +24,7 @@ from tinylm.model import param_kind
 
 # TensorBoard groups tags by their first path component: one group per kind of parameter.
 KIND_GROUPS = {"embedding": "embeddings", "weight": "weights", "bias": "biases", "norm gain": "norm_gains"}
+HISTOGRAM_BINS = 64  # TensorBoard shows 30; its default 'tensorflow' bins make each histogram 7x larger on disk
 MAX_PROJECTOR_TOKENS = 8192  # the projector's file is text, ~8 bytes a number: cap large vocabularies
 
 
@@ -40,7 +41,9 @@ def histogram_tag(name: str, p: torch.Tensor) -> str:
 
 def log_histograms(writer, model: torch.nn.Module, step: int) -> None:
     for name, p in model.named_parameters():
-        writer.add_histogram(histogram_tag(name, p), p.detach().float(), step)
+        values = p.detach().float()
+        if torch.isfinite(values).all():  # a histogram needs finite numbers; the blow-up guard reports the rest
+            writer.add_histogram(histogram_tag(name, p), values, step, bins=HISTOGRAM_BINS)
 
 
 def watch_updates(optimizer: torch.optim.Optimizer, model: torch.nn.Module, writer,
