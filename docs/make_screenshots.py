@@ -1,7 +1,10 @@
 """Remake the TensorBoard screenshots in docs/screenshots/ with a real TensorBoard server and a real browser.
 
-    python docs/make_screenshots.py                          # trains a short run first (about 3 minutes)
+    python docs/make_screenshots.py                          # trains a short run first (5 minutes)
     python docs/make_screenshots.py --run_dir runs/default   # or photographs a run you already have
+
+The README's pictures: `python docs/make_screenshots.py --data tinyshakespeare.txt --max_time 900` (a
+3-layer, 128-wide model, the short run's recipe below, for 15 minutes on a 2-core CPU).
 
 Needs Chromium (Debian/Ubuntu: `apt-get install chromium`; elsewhere set --browser). The script starts
 `tensorboard --logdir <the run's parent folder>` on 127.0.0.1 at a free port, waits until it serves the
@@ -12,7 +15,9 @@ run's curves and histograms, then saves one headless Chromium screenshot per vie
     docs/screenshots/update_ratio.png     the update-to-weight ratio of each kind of parameter
     docs/screenshots/projector.png        the token embeddings in the embedding projector (PCA, 3-D)
 
-Everything it starts (training, TensorBoard, Chromium) is stopped before it exits.
+Everything it starts (training, TensorBoard, Chromium) is stopped before it exits. Look at the pictures
+before committing them: a page can be caught while it is still drawing (the projector greys out while
+it computes), and running the script again takes a fresh picture.
 """
 
 from __future__ import annotations
@@ -50,11 +55,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_short_run(where: Path) -> Path:
-    """The default recipe on the built-in corpus for a few minutes, evaluated often so histograms have steps."""
-    run = where / "runs" / "default"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--run_dir", str(run), "--train.max_time=180",
-                    "--train.eval_interval=50", "--train.eval_batches=5"], cwd=where, check=True)
+# A model small enough to take a few hundred steps in minutes on a CPU, so the curves have a shape.
+SHORT_RUN = ["--data.vocab_size=2048", "--model.n_layer=3", "--model.n_head=4", "--model.n_embd=128",
+             "--model.block_size=64", "--train.eval_interval=100", "--train.eval_batches=10", "--train.sample_tokens=60"]
+
+
+def train_short_run(where: Path, data: str | None, max_time: float) -> Path:
+    """Train SHORT_RUN on `data` (default: the built-in corpus) for max_time seconds into where/runs/."""
+    run = where / "runs" / (Path(data).stem if data else "builtin")
+    extra = ["--data", str(Path(data).resolve())] if data else []
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--run_dir", str(run), *extra, *SHORT_RUN,
+                    f"--train.max_time={max_time}"], cwd=where, check=True)
     return run
 
 
@@ -93,6 +104,8 @@ def screenshot(browser: str, url: str, path: Path, size: tuple[int, int], extra:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", help="a finished run to photograph (default: train a short one)")
+    p.add_argument("--data", help="text file for the short run (default: the built-in corpus)")
+    p.add_argument("--max_time", type=float, default=300, help="seconds the short run trains")
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshots"), help="where the PNG files go")
     p.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"),
                    help="a Chromium or Chrome binary")
@@ -102,7 +115,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(args.run_dir) if args.run_dir else train_short_run(Path(tmp))
+        run = Path(args.run_dir) if args.run_dir else train_short_run(Path(tmp), args.data, args.max_time)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
