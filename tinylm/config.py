@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 autocast where the hardware has fast bf16, else float32
     compile: bool = False  # torch.compile the model
+    init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
