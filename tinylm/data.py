@@ -173,15 +173,40 @@ def parse_hub(spec: str) -> HubSource:
     return HubSource(name, config or None, split_ or "train", revision or None)
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached, or None. Offline, `datasets` would retry for half a minute and
+    print a warning per attempt; one quick connection says the same at once. Skipped in offline mode
+    (HF_HUB_OFFLINE=1 loads what `datasets` has cached) and behind a proxy (the probe would go direct)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
 def read_hub(spec: str, cfg: DataConfig) -> list[Document]:
     """A Hugging Face Hub dataset split, downloaded (and cached) by `datasets.load_dataset`."""
     import datasets
 
     src = parse_hub(spec)
+    if src.local is None:
+        why = hub_unreachable()
+        if why:
+            raise UserError(f"cannot reach the Hugging Face Hub to load {spec} ({why}); check the internet "
+                            "connection, or set HF_HUB_OFFLINE=1 to use a copy that datasets has cached")
     datasets.enable_progress_bars()  # a Hub download can take minutes: show it
     try:
         ds = datasets.load_dataset(src.name, src.config, split=src.split, revision=src.revision)
-    except Exception as e:  # not found, offline, no such config or split: the first line says which
+    except Exception as e:  # not found, no such config or split: the first line says which
         raise UserError(f"cannot load Hugging Face dataset {spec}: {str(e).strip().splitlines()[0]}") from None
     return dataset_documents(ds, cfg, spec)
 

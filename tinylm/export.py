@@ -134,9 +134,16 @@ def check_with_transformers(out_dir: Path, model: torch.nn.Module, vocab_size: i
     """Load the folder with transformers (if installed) and return the largest logit difference."""
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
     except ImportError:
         return None
-    theirs = AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a "Loading weights" bar for a check that takes a moment
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
+    finally:
+        if bar:
+            logging.enable_progress_bar()
     ids = torch.randint(vocab_size, (1, min(16, model.cfg.block_size)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, _ = model(ids)
