@@ -7,6 +7,7 @@ greedy generation must pick the same tokens, and AutoTokenizer must produce the 
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -167,3 +168,65 @@ def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):
 
     assert main(["export", str(tmp_path / "no_run"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: run directory not found: {tmp_path / 'no_run'}\n"
+
+
+# ---------------------------------------------------------------- the Llama family (issue 4's switches)
+
+from tinylm.config import ModelConfig  # noqa: E402
+
+needs_switches = pytest.mark.skipif(
+    not hasattr(ModelConfig(), "pos"),
+    reason="the architecture switches (model.pos/norm/mlp/qk_norm) are not in this tree yet",
+)
+LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+
+
+def short_run(tmp: Path, model: dict) -> Path:
+    from tinylm.train import train
+
+    (tmp / "m.txt").write_text(markov_text(3000))
+    cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, model=model,
+                      train={"max_steps": 10, "sample_tokens": 0, "eval_interval": 10})
+    return Path(train(cfg, run_dir=tmp / "run", out=quiet)["run_dir"])
+
+
+@needs_switches
+@pytest.mark.parametrize("extra", [{"tie_embeddings": False}, {"bias": True, "rope_theta": 500.0}], ids=["untied", "biases"])
+def test_llama_style_model_exports_as_llama(tmp_path, extra):
+    run_dir = short_run(tmp_path, {**LLAMA, **extra})
+    _, tok, model, _ = load_run(run_dir)
+    result = export(run_dir, tmp_path / "hf", out=quiet)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert result["architecture"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    ids = torch.tensor([tok.encode("abcdefghhgfedcba" * 2)])
+    with torch.no_grad():
+        ours, _ = model(ids)
+    assert (hf_logits(tmp_path / "hf", ids) - ours).abs().max().item() < 1e-4
+    prompt = tok.encode("abc")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=25, min_new_tokens=25)
+    assert theirs[0, len(prompt):].tolist() == list(generate(model, prompt, 25, temperature=0))
+
+
+@needs_switches
+@pytest.mark.parametrize("model,reason", [
+    ({"mlp": "relu2"}, "model.mlp=relu2 (ReLU squared) exists in neither"),
+    ({**LLAMA, "qk_norm": True}, "model.qk_norm=true"),
+    ({"norm": "rmsnorm"}, "model.pos=learned, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
+    ({**LLAMA, "mlp": "gelu"}, "model.pos=rope, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
+], ids=["relu2", "qk_norm", "learned+rmsnorm", "rope+gelu"])
+def test_what_neither_architecture_expresses_is_refused(model, reason):
+    from tinylm.hf import architecture
+
+    with pytest.raises(UserError, match=re.escape(reason)):
+        architecture(ModelConfig(**model))
+
+
+@needs_switches
+def test_refused_export_writes_nothing(tmp_path, capsys):
+    from tinylm.cli import main
+
+    run_dir = short_run(tmp_path, {"mlp": "relu2"})
+    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot export: model.mlp=relu2")
+    assert not (tmp_path / "hf").exists()

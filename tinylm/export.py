@@ -2,7 +2,7 @@
 
 The folder holds what `transformers` needs to load the model offline, and nothing tinylm-specific:
 
-    config.json              the architecture (GPT2LMHeadModel), written to transformers' schema
+    config.json              the architecture (GPT2LMHeadModel or LlamaForCausalLM), transformers' schema
     model.safetensors        the weights (float32; a tied head is stored once)
     tokenizer.json           tinylm's tokenizer, unchanged
     tokenizer_config.json    PreTrainedTokenizerFast over it, <|endoftext|> as bos/eos/unk
@@ -59,7 +59,7 @@ def generation_config(eot_id: int, block_size: int) -> dict[str, Any]:
         "do_sample": True,
         "temperature": 0.8,
         "top_k": 50,
-        "max_length": block_size,  # learned positions: the model has no position beyond its context
+        "max_length": block_size,  # the longest text it was trained on (GPT-2: it has no further positions)
     }
 
 
@@ -88,6 +88,9 @@ def model_card(run_dir: Path, out_dir: Path, cfg, data: dict, state: dict, n_par
     sources = data.get("sources", [])
     shown = ", ".join(f"`{s}`" for s in sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
     tokenizer = "byte-level BPE" if data.get("tokenizer") == "bpe" else "characters"
+    context = (f"The model has no positions beyond its context of {m.block_size} tokens, so generation stops there."
+               if arch == "gpt2" else
+               f"It was trained on {m.block_size}-token windows; generation stops there by default.")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -119,8 +122,7 @@ print(generate("The", max_new_tokens=40)[0]["generated_text"])
 ```
 
 The generation config samples at temperature 0.8 among the 50 most likely tokens; pass
-`do_sample=False` for greedy decoding. The model has no positions beyond its context of
-{m.block_size} tokens.
+`do_sample=False` for greedy decoding. {context}
 
 ## Training config
 
