@@ -373,8 +373,8 @@ def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int]):
     writer.add_text("parameters", table)
     writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
     writer.add_text("environment", "\n".join(f"- {k}: {v}" for k, v in environment().items()))
-    for key, value in summary.items():
-        writer.add_scalar(f"parameters/{key.replace('kind:', '').replace(' ', '_')}", value, 0)
+    for key in ("total", "embedding", "non_embedding", "weights", "biases"):
+        writer.add_scalar(f"parameters/{key}", summary[key], 0)
     flat = {
         f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
         for s, section in cfg.to_dict().items() for k, v in section.items()
