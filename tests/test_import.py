@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from tinylm.errors import UserError
 from tinylm.hf import read_pretrained
 from tinylm.model import GPT
@@ -124,6 +127,14 @@ def test_block_size_beyond_the_pretrained_positions_is_refused(gpt2_folder, tmp_
     cfg = tiny_config(tmp_path, [tmp_path / "corpus.txt"], model={"block_size": 128}, train={"init_from": str(folder)})
     with pytest.raises(UserError, match="model.block_size=128 exceeds the 64 positions"):
         train(cfg, run_dir=tmp_path / "run", out=lambda s: None)
+
+
+def test_init_from_a_missing_folder_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init_from", str(tmp_path / "gpt2")],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"error: pretrained model folder not found: {tmp_path / 'gpt2'}\n"
 
 
 def test_non_gpt2_folders_are_refused_with_the_reason(gpt2_folder, tmp_path):

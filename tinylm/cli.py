@@ -161,9 +161,11 @@ def cmd_download(argv: list[str]) -> int:
     p.add_argument("--mirror", metavar="URL", help="fetch the same files from this base URL instead")
     p.add_argument("--list", action="store_true", help="list the corpora")
     args = p.parse_args(argv)
-    if args.list or not args.name:
+    if args.list:
         print(download.listing())
-        return 0 if args.list else 2
+        return 0
+    if not args.name:
+        raise UserError(f"name a corpus: {', '.join(download.CORPORA)} (tinylm download --list describes them)")
     download.download(args.name, args.dir, mirror=args.mirror)
     return 0
 
