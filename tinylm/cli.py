@@ -3,10 +3,11 @@
 Only argument parsing and friendly errors live here: a `UserError` from anywhere below becomes one
 `error: ...` line on stderr and exit status 2, never a traceback.
 
-    tinylm train [--config PATH] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--section.field=VALUE ...]
+    tinylm train [--config PATH] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--init_from HF_DIR]
+                 [--section.field=VALUE ...]
     tinylm sample RUN_DIR [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
                   [--seed S] [--num_samples N]
-    tinylm export RUN_DIR OUT_DIR [--force]          a Hugging Face transformers folder (GPT-2 format)
+    tinylm export RUN_DIR OUT_DIR [--force]          a Hugging Face transformers folder
     tinylm download NAME [--dir DIR] [--mirror URL]  a classic corpus into data/ (--list shows them)
 """
 
