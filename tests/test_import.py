@@ -118,6 +118,11 @@ def test_fine_tuning_starts_from_the_pretrained_weights(gpt2_folder, tmp_path):
     assert (saved.model.n_layer, saved.model.n_head, saved.model.n_embd, saved.model.block_size) == (2, 4, 32, 32)
     assert saved.train.init_from == str(folder)
 
+    from tinylm.export import export  # the fine-tuned run exports like any other, and says where it came from
+
+    assert export(result["run_dir"], tmp_path / "hf", out=lambda s: None)["max_logit_diff"] < 1e-4
+    assert f"fine-tuned from `{folder}`" in (tmp_path / "hf" / "README.md").read_text()
+
 
 def test_block_size_beyond_the_pretrained_positions_is_refused(gpt2_folder, tmp_path):
     from tinylm.train import train

@@ -88,6 +88,7 @@ def model_card(run_dir: Path, out_dir: Path, cfg, data: dict, state: dict, n_par
     sources = data.get("sources", [])
     shown = ", ".join(f"`{s}`" for s in sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
     tokenizer = "byte-level BPE" if data.get("tokenizer") == "bpe" else "characters"
+    origin = f"fine-tuned from `{cfg.train.init_from}`" if cfg.train.init_from else "trained from scratch"
     context = (f"The model has no positions beyond its context of {m.block_size} tokens, so generation stops there."
                if arch == "gpt2" else
                f"It was trained on {m.block_size}-token windows; generation stops there by default.")
@@ -101,7 +102,7 @@ tags:
 
 # {run_dir.name}
 
-A {n_params:,}-parameter language model trained from scratch with tinylm and exported as `{hf.ARCHITECTURES[arch]}`.
+A {n_params:,}-parameter language model {origin} with tinylm and exported as `{hf.ARCHITECTURES[arch]}`.
 
 | | |
 |---|---|
