@@ -71,8 +71,12 @@ def cmd_train(argv: list[str]) -> int:
     config_path = args.config
     run_dir = args.run_dir
     if args.resume:
+        from tinylm.checkpoint import CHECKPOINT
+
         if not Path(args.resume).is_dir():
             raise UserError(f"run directory not found: {args.resume}")
+        if not (Path(args.resume) / CHECKPOINT).is_file():
+            raise UserError(f"{args.resume} holds no checkpoint ({CHECKPOINT}) to resume from")
         config_path = config_path or str(Path(args.resume) / "config.yaml")
         run_dir = args.resume
     cfg = config_.load(config_path, overrides)
@@ -86,7 +90,8 @@ def cmd_train(argv: list[str]) -> int:
     from tinylm.train import train
 
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume), name=name)
-    return 130 if result.get("interrupted") else 0
+    # Stopped by a signal: the shell's convention, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
+    return 128 + result["signal"] if result.get("interrupted") else 0
 
 
 def cmd_sample(argv: list[str]) -> int:

@@ -8,7 +8,9 @@
     meta.json        sizes, dtype, the sources and settings that produced them
 
 The key hashes the inputs (path, size, modification time) and every setting that changes the tokens,
-so editing a file or the tokenizer settings builds afresh while an unchanged corpus is reused.
+so editing a file or the tokenizer settings builds afresh while an unchanged corpus is reused. A cache
+folder whose files do not match its meta.json (a disk that filled up, a file cut short) is rebuilt.
+`fingerprint` identifies the prepared tokens, so a resumed run can tell that its data is the same.
 
 Inputs: text files, folders of `.txt` files (searched recursively), or, read through Hugging Face
 `datasets`, `.jsonl`/`.json`/`.csv`/`.parquet` files, folders written by `Dataset.save_to_disk`, and
@@ -361,6 +363,7 @@ class Prepared:
     train: np.ndarray  # memmap of token ids
     val: np.ndarray
     reused: bool  # True when the cache already held this corpus
+    note: str = ""  # why a damaged cache was rebuilt, if it was
 
     @property
     def tokens_per_byte(self) -> float:
@@ -368,12 +371,57 @@ class Prepared:
         return self.meta["val_tokens"] / max(1, self.meta["val_bytes"])
 
 
-def _open(dir_: Path, meta: dict, reused: bool) -> Prepared:
+def _open(dir_: Path, meta: dict, reused: bool, note: str = "") -> Prepared:
     dtype = np.dtype(meta["dtype"])
     tok = TextTokenizer.load(dir_ / "tokenizer.json")
     train = np.memmap(dir_ / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(dir_ / "val.bin", dtype=dtype, mode="r")
-    return Prepared(dir_, tok, meta, train, val, reused)
+    return Prepared(dir_, tok, meta, train, val, reused, note)
+
+
+def _inspect_cache(dir_: Path) -> tuple[dict | None, str]:
+    """(meta, "") for a cache folder whose files are whole, else (None, what is wrong with it)."""
+    try:
+        meta = json.loads((dir_ / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        expected = {split: meta[f"{split}_tokens"] * itemsize for split in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"its meta.json is unreadable ({type(e).__name__})"
+    if not (dir_ / "tokenizer.json").is_file():
+        return None, "tokenizer.json is missing"
+    for split, size in expected.items():
+        f = dir_ / f"{split}.bin"
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            return None, f"{split}.bin holds {actual if actual is not None else 'no'} bytes, meta.json says {size}"
+    return meta, ""
+
+
+def _bytes(ids: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(ids)).cast("B")
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(_bytes(a))
+    return h.hexdigest()
+
+
+def fingerprint(prep: Prepared) -> dict:
+    """What identifies the prepared data: the tokenizer file and the token ids (hashes) and sizes."""
+    return {
+        "tokenizer_sha256": hashlib.sha256((prep.dir / "tokenizer.json").read_bytes()).hexdigest(),
+        "tokens_sha256": prep.meta.get("tokens_sha256") or _sha256(prep.train, prep.val),
+        "train_tokens": prep.meta["train_tokens"],
+        "val_tokens": prep.meta["val_tokens"],
+    }
+
+
+def _cache_error(root: Path, e: BaseException) -> UserError:
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+    return UserError(f"cannot write the data cache in {root}: {reason}; free some space or set "
+                     "--data.cache_dir to a writable folder")
 
 
 def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) -> dict:
@@ -389,9 +437,13 @@ def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) ->
     dtype = storage_dtype(tok.vocab_size)
     train_ids = encode_documents(tok, train_texts, dtype)
     val_ids = encode_documents(tok, val_texts, dtype)
-    tok.save(out / "tokenizer.json")
-    train_ids.tofile(out / "train.bin")
-    val_ids.tofile(out / "val.bin")
+    try:
+        tok.save(out / "tokenizer.json")  # tokenizers raises a bare Exception when it cannot write
+        for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
+            with open(out / name, "wb") as f:  # not ndarray.tofile, whose error drops the reason (disk full)
+                f.write(_bytes(ids))
+    except Exception as e:
+        raise _cache_error(out.parent, e) from None
     meta = {
         "format": FORMAT_VERSION,
         "sources": [d.source for d in docs[:100]] + ([f"... {len(docs) - 100} more"] if len(docs) > 100 else []),
@@ -403,8 +455,12 @@ def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) ->
         "val_tokens": int(val_ids.size),
         "train_bytes": sum(len(t.encode("utf-8")) for t in train_texts),
         "val_bytes": sum(len(t.encode("utf-8")) for t in val_texts),
+        "tokens_sha256": _sha256(train_ids, val_ids),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    try:
+        (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    except OSError as e:
+        raise _cache_error(out.parent, e) from None
     return meta
 
 
@@ -414,12 +470,20 @@ def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Prepared
     `tokenizer` (a pretrained model's) is used instead of training one."""
     root = Path(cfg.cache_dir)
     final = root / cache_key(cfg, tokenizer)
-    if (final / "meta.json").is_file():
-        return _open(final, json.loads((final / "meta.json").read_text()), reused=True)
-    root.mkdir(parents=True, exist_ok=True)
+    note = ""
+    if final.exists():
+        meta, problem = _inspect_cache(final)
+        if meta is not None:
+            return _open(final, meta, reused=True)
+        note = f"rebuilt the damaged cache {final}: {problem}"
+        shutil.rmtree(final, ignore_errors=True)
     # Build in a private folder and rename it into place, so a crash or a concurrent run never
     # leaves a half-written cache that a later run would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    except OSError as e:
+        raise _cache_error(root, e) from None
     try:
         meta = build(cfg, tmp, tokenizer)
         try:
@@ -429,7 +493,7 @@ def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Prepared
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _open(final, meta, reused=False)
+    return _open(final, meta, reused=False, note=note)
 
 
 # ---------------------------------------------------------------- batches
