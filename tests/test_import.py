@@ -117,6 +117,8 @@ def test_fine_tuning_starts_from_the_pretrained_weights(gpt2_folder, tmp_path):
     saved = config.load(Path(result["run_dir"]) / "config.yaml")  # the folder's shape, recorded for resume and export
     assert (saved.model.n_layer, saved.model.n_head, saved.model.n_embd, saved.model.block_size) == (2, 4, 32, 32)
     assert saved.train.init_from == str(folder)
+    saved.train.max_steps = 6  # a fine-tuning run resumes like any other (same tokenizer, same data)
+    assert train(saved, run_dir=result["run_dir"], resume=True, out=lines.append)["step"] == 6
 
     from tinylm.export import export  # the fine-tuned run exports like any other, and says where it came from
 

@@ -82,9 +82,9 @@ def model_card(run_dir: Path, out_dir: Path, cfg, data: dict, state: dict, n_par
     final = final_val_loss(run_dir)
     if final:
         step, loss, bpb = final
-        result = f"final val loss {loss:.4f} at step {step:,} ({bpb:.3f} bits per byte); best {state['best_val']:.4f}"
+        result = f"final val loss {loss:.4f} at step {step:,} ({bpb:.3f} bits per byte); best {state.get('best_val', loss):.4f}"
     else:
-        result = f"best val loss {state['best_val']:.4f}"
+        result = f"best val loss {state.get('best_val', float('nan')):.4f}"
     sources = data.get("sources", [])
     shown = ", ".join(f"`{s}`" for s in sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
     tokenizer = "byte-level BPE" if data.get("tokenizer") == "bpe" else "characters"
@@ -110,7 +110,7 @@ A {n_params:,}-parameter language model {origin} with tinylm and exported as `{h
 | parameters | {n_params:,} |
 | tokenizer | {tokenizer}, {state['vocab_size']:,} tokens; `{EOT}` separates documents |
 | data | {shown or 'built-in corpus'}: {data.get('train_tokens', 0):,} training tokens, {data.get('val_tokens', 0):,} validation tokens |
-| training | {state['step']:,} steps, {state['tokens']:,} tokens, {state['elapsed']:.0f} s |
+| training | {state.get('step', 0):,} steps, {state.get('tokens', 0):,} tokens, {state.get('elapsed', 0):.0f} s |
 | result | {result} |
 
 ## Use
