@@ -190,6 +190,7 @@ def test_download_offline_is_one_clear_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot download ptb/train.txt")
     assert "check the internet connection" in lines[0]
+    assert not (tmp_path / "data").exists()
 
 
 def test_unknown_corpus_names_the_known_ones(tmp_path):

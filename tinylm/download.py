@@ -107,6 +107,7 @@ def _transfer(url: str, part: Path, label: str) -> None:
             have = 0  # the server sent the whole file: start the part afresh
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length else None
+        part.parent.mkdir(parents=True, exist_ok=True)  # only now: an unreachable server leaves nothing behind
         with open(part, "ab" if resumed else "wb") as f, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
             file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
@@ -180,7 +181,6 @@ def download(name: str, data_dir: str | Path = "data", mirror: str | None = None
                 out(f"{target}: already there")
                 continue
             raise UserError(f"{target} exists but is not the pinned {name} file (sha256 differs); remove it to download again")
-        target.parent.mkdir(parents=True, exist_ok=True)
         download_to = target.with_suffix(".zip") if remote.member else target
         part = download_to.with_name(download_to.name + ".part")
         fetch(url, part, remote.sha256, remote.target)
