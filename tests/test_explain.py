@@ -11,10 +11,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT
-from tinylm.config import ModelConfig, TrainConfig
+from tinylm.config import Config, TrainConfig
 from tinylm.errors import UserError
 from tinylm.explain import (
-    GPT2_SMALL, GPT2_VOCAB, GPT2_XL, KIND_ROLES, adamw_by_hand, explain, nearest_neighbors, neuron_step,
+    GPT2_SMALL, GPT2_VOCAB, GPT2_XL, KIND_ROLES, adamw_by_hand, explain, gpt2_config, nearest_neighbors,
+    neuron_step,
     optimizer_step, parameter_formula, role, section_parameters, section_step, softmax_example, token_id,
     values_and_slopes,
 )
@@ -68,7 +69,7 @@ def test_activation_slopes_match_their_formulas():
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameter_formula_counts_the_built_model(shape, bias, tied):
     n_layer, n_head, n_embd, block_size, vocab = shape
-    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, tie_embeddings=tied)
+    cfg = gpt2_config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, tie_embeddings=tied)
     with torch.device("meta"):
         model = GPT(cfg, vocab)
     assert parameter_formula(cfg, vocab) == sum(p.numel() for p in model.parameters())
@@ -83,7 +84,7 @@ def test_parameter_formula_gives_gpt2_small_and_xl():
 
 
 def test_every_parameter_gets_a_role_and_unknown_names_fall_back_to_their_kind():
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), 20)
+    model = GPT(gpt2_config(n_layer=2, n_head=2, n_embd=16, block_size=8), 20)
     roles = {r.name: role(r, tied=True) for r in parameter_table(model)}
     assert all(text not in KIND_ROLES.values() for text in roles.values())  # every name is known
     assert "tied" in roles["tok_emb.weight"] and "query, a key and a value" in roles["blocks.1.attn.qkv.weight"]
@@ -96,7 +97,7 @@ def test_every_parameter_gets_a_role_and_unknown_names_fall_back_to_their_kind()
 
 def test_a_recipe_without_biases_says_so():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=False), 20)
+    model = GPT(gpt2_config(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=False), 20)
     lines: list[str] = []
     section_parameters(model, "no-bias model", lines.append)
     text = "\n".join(lines)
@@ -112,7 +113,7 @@ def test_a_recipe_without_biases_says_so():
 @pytest.mark.parametrize("earlier_steps", [0, 3])
 def test_one_adamw_step_by_hand_matches_torch(earlier_steps):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), 30)
+    model = GPT(gpt2_config(n_layer=1, n_head=2, n_embd=16, block_size=8), 30)
     t = TrainConfig(weight_decay=0.1)
     x, y = torch.randint(30, (4, 8)), torch.randint(30, (4, 8))
     opt = make_optimizer(model, t, torch.device("cpu"))  # some real training first, so m and v are not 0
@@ -188,7 +189,10 @@ def test_cli_explain_without_a_run_uses_the_default_recipe(tmp_path):
     result = run_cli(["explain"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "the default recipe (configs/default.yaml), untrained" in result.stdout
-    assert "total 4,240,896" in result.stdout and "5. TOKENS" not in result.stdout
+    cfg = Config()
+    with torch.device("meta"):
+        total = sum(p.numel() for p in GPT(cfg.model, cfg.data.vocab_size).parameters())
+    assert f"total {total:,} = weights" in result.stdout and "5. TOKENS" not in result.stdout
     assert "AdamW fresh, as at step 0" in result.stdout
 
 

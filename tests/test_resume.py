@@ -47,7 +47,7 @@ def test_resume_is_bit_identical(tmp_path, markov_file):
 
     def interrupt_at_10(line: str) -> None:
         if line.startswith("step 10:"):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # to this thread: handled before the loop goes on
 
     first = train(split_cfg, run_dir=tmp_path / "split", out=interrupt_at_10)
     assert first["interrupted"] and first["signal"] == signal.SIGINT and first["step"] == 10
@@ -199,11 +199,11 @@ def test_guard_skips_on_the_gpu_without_waiting():
 def test_a_second_signal_stops_at_once():
     stop = guard.StopSignals().install()
     try:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to this thread: handled before the loop goes on
         time.sleep(0.01)
         assert stop.signal == signal.SIGINT  # the first only asks
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # to this thread: handled before the loop goes on
             time.sleep(1)
     finally:
         stop.uninstall()

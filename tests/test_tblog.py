@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from tinylm.config import ModelConfig
+from tinylm.explain import gpt2_config
 from tinylm.model import GPT
 from tinylm.tblog import histogram_tag, watch_updates
 from tinylm.tokenizer import TextTokenizer
@@ -46,7 +46,7 @@ def test_update_to_weight_ratios_are_logged_at_the_log_interval(trained_run):
 def test_update_ratio_equals_lr_times_gradient_over_weight(tmp_path):
     # With plain SGD the update is exactly -lr * grad, so the ratio of each kind is lr * ||g|| / ||w||.
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), 20)
+    model = GPT(gpt2_config(n_layer=1, n_head=2, n_embd=16, block_size=8), 20)  # with biases and norm gains
     for p in model.parameters():  # biases start at 0: give them a size so that their ratio is defined
         torch.nn.init.normal_(p, std=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -66,6 +66,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 autocast where the hardware has fast bf16, else float32
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

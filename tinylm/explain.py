@@ -19,6 +19,7 @@ The lesson, every number computed by PyTorch as it is printed:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,13 +194,26 @@ def section_activations(model: nn.Module, out: Callable[[str], None]) -> None:
 
 # ---------------------------------------------------------------- 3. parameters
 
+# GPT-2's architectural choices, for whichever of these switches ModelConfig has: the formula below is
+# GPT-2's, whatever the default recipe chooses.
+GPT2_CHOICES = {"bias": True, "tie_embeddings": True, "pos": "learned", "norm": "layernorm", "mlp": "gelu",
+                "mlp_hidden": 0, "qk_norm": False}
+
+
+def gpt2_config(**fields) -> ModelConfig:
+    """A ModelConfig with GPT-2's architecture; `fields` (shape, bias, tie_embeddings) override."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{**{k: v for k, v in GPT2_CHOICES.items() if k in known}, **fields})
+
+
 GPT2_VOCAB = 50257
-GPT2_SMALL = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, tie_embeddings=True)
-GPT2_XL = ModelConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, bias=True, tie_embeddings=True)
+GPT2_SMALL = gpt2_config(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+GPT2_XL = gpt2_config(n_layer=48, n_head=25, n_embd=1600, block_size=1024)
 
 
 def parameter_formula(cfg: ModelConfig, vocab_size: int) -> int:
-    """The parameter count of tinylm's GPT, in closed form (V vocab, T context, C width, L layers).
+    """The parameter count of tinylm's GPT with GPT-2's architecture (see gpt2_config), in closed form
+    (V vocab, T context, C width, L layers).
 
     token embeddings V*C, positions T*C; per block: attention qkv 3C^2 and proj C^2, MLP fc 4C^2 and
     proj 4C^2, two LayerNorm gains 2C, and with biases 3C + C + 4C + C + 2C = 11C more; the final

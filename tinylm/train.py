@@ -190,7 +190,14 @@ def train(
     else:
         state = None
 
-    prep = prepare(cfg.data)
+    pretrained = None
+    if t.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 folder
+        from tinylm.hf import read_pretrained
+
+        pretrained = read_pretrained(t.init_from)
+        cfg.model = m = pretrained.fit(m)
+    prep = prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None)
+    vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     meta = prep.meta
     if prep.note:
         out(f"data: {prep.note}")
@@ -210,7 +217,10 @@ def train(
     checkpoint.write_run_files(run_dir, config_.to_yaml(cfg), prep.dir / "tokenizer.json",
                                json.dumps({**meta, "cache": str(prep.dir)}, indent=2))
 
-    model = GPT(m, prep.tokenizer.vocab_size).to(device)
+    model = GPT(m, vocab_size).to(device)
+    if pretrained is not None and state is None:
+        model.load_state_dict(pretrained.state_for(m))
+        out(f"initialised from {t.init_from}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}")
     rows = parameter_table(model)
     summary = parameter_summary(rows)
     table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
@@ -259,7 +269,7 @@ def train(
                 "batch_rng": batch_gen.get_state(),
                 "rng": checkpoint.rng_state(),
                 "config": cfg.to_dict(),
-                "vocab_size": prep.tokenizer.vocab_size,
+                "vocab_size": vocab_size,
                 "data": data_id,
                 "environment": environment(),
             },
