@@ -90,6 +90,7 @@ def test_every_parameter_gets_a_role_and_unknown_names_fall_back_to_their_kind()
     assert "tied" in roles["tok_emb.weight"] and "query, a key and a value" in roles["blocks.1.attn.qkv.weight"]
     assert roles["blocks.0.mlp.fc.bias"].startswith("MLP in: one b per output")
     assert roles["blocks.0.norm2.weight"].startswith("norm before the MLP: one multiplier")
+    assert roles["blocks.1.mlp.fc.weight"] == "MLP in: widens each token's vector from 16 to 64 numbers, before the activation"
     assert role(ParamRow("blocks.0.mlp.gate.weight", (4, 4), 16, "weight")) == KIND_ROLES["weight"]
     assert role(ParamRow("blocks.3.attn.q_norm.weight", (4,), 4, "norm gain")) == KIND_ROLES["norm gain"]
     assert role(ParamRow("blocks.0.mlp.gate.bias", (4,), 4, "bias")) == KIND_ROLES["bias"]
@@ -128,6 +129,20 @@ def test_one_adamw_step_by_hand_matches_torch(earlier_steps):
         assert adamw_by_hand(w, 3e-3, report.betas, report.eps) == pytest.approx(w.after, abs=1e-7)
     assert report.weight.weight_decay == 0.1 and report.bias.weight_decay == 0.0
     assert report.weight.name.startswith("blocks.0.attn.qkv.weight[") and report.bias.name.startswith("blocks.0.attn.qkv.bias[")
+
+
+def test_a_run_trained_by_another_optimizer_gets_a_fresh_adamw_step(monkeypatch):
+    import tinylm.train
+
+    monkeypatch.setattr(tinylm.train, "make_optimizer", lambda model, t, device: torch.optim.SGD(model.parameters()))
+    torch.manual_seed(0)
+    model = GPT(gpt2_config(n_layer=1, n_head=2, n_embd=16, block_size=8), 30)
+    x = torch.randint(30, (4, 8))
+    report = optimizer_step(model, x, x, TrainConfig(weight_decay=0.1), lr=3e-3, optimizer_state={"ignored": 1})
+    assert report.how == "fresh (this run trains with SGD; the lesson's step is AdamW's)"
+    for w in (report.weight, report.bias):
+        assert w.t == 0 and adamw_by_hand(w, 3e-3, report.betas, report.eps) == pytest.approx(w.after, abs=1e-7)
+    assert report.weight.weight_decay == 0.1 and report.bias.weight_decay == 0.0
 
 
 def test_nearest_neighbours_in_a_hand_built_table():

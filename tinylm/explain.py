@@ -239,12 +239,12 @@ LAYER_ROLES = {
     "pos_emb": ("position embeddings", "row t is added to the vector of the token at position t"),
     "attn.qkv": ("attention in", "turns each token's vector into a query, a key and a value"),
     "attn.proj": ("attention out", "mixes the heads' results back into the token's vector"),
-    "mlp.fc": ("MLP in", "widens each token's vector 4x, before the activation"),
-    "mlp.proj": ("MLP out", "brings the activated vector back to the model's width"),
+    "mlp.fc": ("MLP in", "widens each token's vector from {in} to {out} numbers, before the activation"),
+    "mlp.proj": ("MLP out", "brings the activated vector from {in} numbers back to {out}"),
     "norm1": ("norm before attention", "rescales each token's vector to a standard size"),
     "norm2": ("norm before the MLP", "rescales each token's vector to a standard size"),
     "norm_f": ("final norm", "rescales each token's vector before the output head"),
-    "head": ("output head", "one row per token: scores every token as the next one"),
+    "head": ("output head", "one row per token, scoring every token as the next one"),
 }
 KIND_ROLES = {
     "embedding": "a table of learned vectors, one row per id",
@@ -267,6 +267,8 @@ def role(row: ParamRow, tied: bool = False) -> str:
         return f"{title}: {after} (the b in y = w*x + b)"
     if row.kind == "norm gain":
         return f"{title}: one multiplier per channel (starts at 1)"
+    if len(row.shape) == 2:  # a Linear weight is (out, in)
+        does = does.format(out=row.shape[0], **{"in": row.shape[1]})
     return f"{title}: {does}" + ("; also the output head (tied)" if short == "tok_emb" and tied else "")
 
 
@@ -346,6 +348,7 @@ class StepReport:
     lr: float
     betas: tuple[float, float]
     eps: float
+    how: str  # which AdamW: "the run's own state after step N", "fresh, as at step 0", ...
 
 
 def pick_pair(model: nn.Module) -> tuple[str, str | None]:
@@ -367,14 +370,24 @@ def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def optimizer_step(model: GPT, x: torch.Tensor, y: torch.Tensor, train_cfg, lr: float,
-                   optimizer_state: dict | None = None) -> StepReport:
-    """One step of tinylm's AdamW (its state from `optimizer_state` if given, else fresh) on batch (x, y),
-    watching the entry with the largest gradient of one weight matrix and of that layer's bias."""
+                   optimizer_state: dict | None = None, step: int = 0) -> StepReport:
+    """One AdamW step on batch (x, y), watching the entry with the largest gradient of one weight matrix and
+    of that layer's bias. The optimizer is the run's (tinylm.train.make_optimizer, its state from
+    `optimizer_state` after `step` steps if given) when that is AdamW, else a fresh AdamW with the same
+    weight decay on matrices and embeddings: the lesson explains AdamW's rule, number by number."""
     from tinylm.train import make_optimizer
 
     opt = make_optimizer(model, train_cfg, torch.device("cpu"))
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
+    if type(opt) is torch.optim.AdamW:
+        if optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+        how = f"with the run's own state after step {step:,}" if optimizer_state is not None else "fresh, as at step 0"
+    else:
+        how = f"fresh (this run trains with {type(opt).__name__}; the lesson's step is AdamW's)"
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        others = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": matrices, "weight_decay": train_cfg.weight_decay},
+                                 {"params": others, "weight_decay": 0.0}], betas=(train_cfg.beta1, train_cfg.beta2))
     for group in opt.param_groups:
         group["lr"] = lr
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -401,7 +414,7 @@ def optimizer_step(model: GPT, x: torch.Tensor, y: torch.Tensor, train_cfg, lr: 
     opt.step()
     opt.zero_grad(set_to_none=True)
     return StepReport(loss_before, eval_loss(model, x, y), weight(), bias() if bias else None, lr,
-                      opt.defaults["betas"], opt.defaults["eps"])
+                      opt.defaults["betas"], opt.defaults["eps"], how)
 
 
 def adamw_by_hand(w: Watched, lr: float, betas: tuple[float, float], eps: float) -> float:
@@ -420,7 +433,7 @@ def section_step(report: StepReport, how: str, out: Callable[[str], None]) -> No
     b1, b2 = r.betas
     out(f"4. ONE REAL TRAINING STEP: {how}")
     out(f"  loss on this batch: {r.loss_before:.4f} before the step, {r.loss_after:.4f} after it")
-    out("  The primer's rule is w <- w - lr*g. AdamW, tinylm's optimizer, divides a running average of the gradient")
+    out("  The primer's rule is w <- w - lr*g. AdamW, tinylm's default optimizer, divides a running average of the gradient")
     out(f"  (m <- {b1:g} m + {1 - b1:.2g} g) by a running average of its size (v <- {b2:g} v + {1 - b2:.2g} g^2), so every"
         " number moves")
     out("  by about lr whatever its gradient's scale, and it pulls weights (not biases) towards 0 by lr*wd*w:")
@@ -539,11 +552,9 @@ def explain(run_dir: str | Path | None = None, neighbors: list[str] | None = Non
     x, y = get_batch(ids, batch, cfg.model.block_size, torch.Generator().manual_seed(0), torch.device("cpu"))
     emb = model.tok_emb.weight.detach().clone()  # as trained: the step below is the lesson's, not the run's
     lr = learning_rate(step, progress(step, elapsed, cfg.train), cfg.train)
-    report = optimizer_step(model, x, y, cfg.train, lr, optimizer_state)
-    how = (f"{batch} windows of {cfg.model.block_size} tokens from {source};\n  AdamW "
-           + (f"with the run's own state after step {step:,}" if optimizer_state else "fresh, as at step 0")
-           + f", learning rate {lr:.3g} (the schedule's at step {step:,})")
-    section_step(report, how, out)
+    report = optimizer_step(model, x, y, cfg.train, lr, optimizer_state, step)
+    section_step(report, f"{batch} windows of {cfg.model.block_size} tokens from {source};\n  AdamW {report.how}, "
+                 f"learning rate {lr:.3g} (the schedule's at step {step:,})", out)
     if run_dir is not None:
         out("")
         section_neighbors(emb, tok, neighbors, int(x[0, 0]), step > 0, out)
