@@ -28,6 +28,14 @@ def markov_text(n: int, seed: int = 0) -> str:
     return "".join(out)
 
 
+def file_size_limited(limit: int, script_args: list[str]) -> list[str]:
+    """Python arguments that run a script (and its arguments) unable to write any file past `limit` bytes:
+    the kernel refuses the write (EFBIG, RLIMIT_FSIZE) as a full disk would (ENOSPC), even for root."""
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+            "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return ["-c", code, str(limit), *script_args]
+
+
 def tiny_config(tmp_path: Path, paths: list, **sections) -> Config:
     """A model and schedule small enough to train in seconds on a CPU."""
     cfg = Config()

@@ -159,3 +159,46 @@ def test_too_short_for_one_window():
     with pytest.raises(UserError, match="fewer than one training window"):
         data.check_window("training", 64, 64)
     data.check_window("training", 65, 64)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:100]), "train.bin holds 100 bytes, meta.json says 9002"),
+    (lambda d: (d / "val.bin").unlink(), "val.bin holds no bytes"),
+    (lambda d: (d / "meta.json").write_text('{"dtype": "uint16", "train_tok'), "its meta.json is unreadable"),
+])
+def test_damaged_cache_is_rebuilt(tmp_path, damage, problem):
+    # A disk that filled up or a process killed while copying a cache can leave meta.json beside a cut file.
+    p = tmp_path / "m.txt"
+    p.write_text(markov_text(5000))
+    cfg = cfg_for(tmp_path, [p], tokenizer="char")
+    first = data.prepare(cfg)
+    before = (first.train.tolist(), first.val.tolist(), data.fingerprint(first))
+    damage(first.dir)
+    again = data.prepare(cfg)
+    assert not again.reused and again.dir == first.dir and problem in again.note
+    assert (again.train.tolist(), again.val.tolist(), data.fingerprint(again)) == before
+    assert data.prepare(cfg).reused
+
+
+def test_fingerprint_names_the_tokens_not_the_path(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(markov_text(5000))
+    b.write_text(markov_text(5000))
+    c = tmp_path / "c.txt"
+    c.write_text(markov_text(5000, seed=1))
+    fa, fb, fc = (data.fingerprint(data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))) for p in (a, b, c))
+    assert fa == fb and fa["tokens_sha256"] != fc["tokens_sha256"]
+    meta = json.loads((data.prepare(cfg_for(tmp_path, [a], tokenizer="char")).dir / "meta.json").read_text())
+    del meta["tokens_sha256"]  # a cache from before the hash was stored: computed from the files instead
+    prep = data.prepare(cfg_for(tmp_path, [a], tokenizer="char"))
+    prep.meta = meta
+    assert data.fingerprint(prep) == fa
+
+
+def test_unwritable_cache_is_one_line(tmp_path):
+    p = tmp_path / "m.txt"
+    p.write_text(markov_text(5000))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(UserError, match=rf"^cannot write the data cache in {blocker}/cache: .*set --data.cache_dir"):
+        data.prepare(DataConfig(paths=[str(p)], cache_dir=str(blocker / "cache"), tokenizer="char"))

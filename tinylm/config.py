@@ -76,6 +76,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     optimizer: str = "muon"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as lr)
+    max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -192,14 +194,16 @@ def validate(cfg: Config) -> Config:
 
     _choice("data.tokenizer", d.tokenizer, ("bpe", "char"))
     _choice("data.errors", d.errors, ("strict", "replace"))
-    if d.tokenizer == "bpe" and not 257 <= d.vocab_size <= 2**32:
+    if d.tokenizer == "bpe" and d.vocab_size < 257:
         raise UserError(
             f"data.vocab_size must be at least 257 for byte-level BPE (256 bytes + end-of-text), got {d.vocab_size}"
         )
+    if d.tokenizer == "bpe" and d.vocab_size > 2**32:
+        raise UserError(f"data.vocab_size must be at most {2**32:,} (token ids are stored as uint32), got {d.vocab_size:,}")
     if not 0 < d.val_fraction < 1:
         raise UserError(f"config key 'data.val_fraction' must be between 0 and 1, got {d.val_fraction}")
 
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "max_bad_steps"):
         positive(f"train.{key}", getattr(t, key))
     positive("train.lr", t.lr)
     for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "max_time", "sample_tokens"):
@@ -272,8 +276,12 @@ def parse_override_value(text: str) -> Any:
         return text
 
 
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(to_yaml(cfg), encoding="utf-8")
 
 
 def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:

@@ -8,10 +8,13 @@
     meta.json        sizes, dtype, the sources and settings that produced them
 
 The key hashes the inputs (path, size, modification time) and every setting that changes the tokens,
-so editing a file or the tokenizer settings builds afresh while an unchanged corpus is reused.
+so editing a file or the tokenizer settings builds afresh while an unchanged corpus is reused. A cache
+folder whose files do not match its meta.json (a disk that filled up, a file cut short) is rebuilt.
+`fingerprint` identifies the prepared tokens, so a resumed run can tell that its data is the same.
 
 Inputs: text files, folders of `.txt` files (searched recursively), or, read through Hugging Face
-`datasets`, `.jsonl`/`.json`/`.csv`/`.parquet` files and folders written by `Dataset.save_to_disk`.
+`datasets`, `.jsonl`/`.json`/`.csv`/`.parquet` files, folders written by `Dataset.save_to_disk`, and
+Hub datasets named `hf:NAME[@REVISION][:CONFIG][:SPLIT]` (e.g. `hf:roneneldan/TinyStories`).
 With no input the built-in corpus is used: the Python reference documentation that every CPython
 ships as `pydoc_data.topics` (about 465 KB of English technical prose), so training works offline.
 """
@@ -116,6 +119,12 @@ def _text_column(columns: dict[str, object], wanted: str, source: str) -> str:
     )
 
 
+def dataset_documents(ds, cfg: DataConfig, source: str) -> list[Document]:
+    """The rows of a `datasets.Dataset` as documents, from its text column."""
+    column = _text_column(ds.features, cfg.text_column, source)
+    return [Document(f"{source}[{i}]", clean(t)) for i, t in enumerate(ds[column]) if t and t.strip()]
+
+
 def read_dataset(path: Path, cfg: DataConfig) -> list[Document]:
     """Rows of a tabular file or saved dataset, read with Hugging Face `datasets`: one row, one document."""
     import datasets
@@ -135,8 +144,81 @@ def read_dataset(path: Path, cfg: DataConfig) -> list[Document]:
         raise
     except Exception as e:  # datasets raises many kinds; the first line says what went wrong
         raise UserError(f"cannot read {path} as a dataset: {str(e).strip().splitlines()[0]}") from None
-    column = _text_column(ds.features, cfg.text_column, str(path))
-    return [Document(f"{path}[{i}]", clean(t)) for i, t in enumerate(ds[column]) if t and t.strip()]
+    return dataset_documents(ds, cfg, str(path))
+
+
+# ---------------------------------------------------------------- Hugging Face Hub datasets
+
+HUB = "hf:"
+
+
+@dataclass
+class HubSource:
+    name: str  # "roneneldan/TinyStories", or a local folder laid out like a Hub dataset repository
+    config: str | None
+    split: str  # "train", or a slice such as "train[:10%]"
+    revision: str | None  # a branch, tag or commit of the dataset repository
+
+    @property
+    def local(self) -> Path | None:
+        p = Path(self.name)
+        return p if p.exists() else None
+
+
+def parse_hub(spec: str) -> HubSource:
+    """hf:NAME[@REVISION][:CONFIG][:SPLIT] -> its parts (the split may itself hold colons: train[:10%])."""
+    name, _, rest = spec[len(HUB):].partition(":")
+    config, _, split_ = rest.partition(":")
+    name, _, revision = name.partition("@")
+    if not name:
+        raise UserError(f"'{spec}' names no dataset; write hf:NAME[@REVISION][:CONFIG][:SPLIT], e.g. hf:roneneldan/TinyStories")
+    return HubSource(name, config or None, split_ or "train", revision or None)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached, or None. Offline, `datasets` would retry for half a minute and
+    print a warning per attempt; one quick connection says the same at once. Skipped in offline mode
+    (HF_HUB_OFFLINE=1 loads what `datasets` has cached) and behind a proxy (the probe would go direct)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
+def read_hub(spec: str, cfg: DataConfig) -> list[Document]:
+    """A Hugging Face Hub dataset split, downloaded (and cached) by `datasets.load_dataset`."""
+    import datasets
+
+    src = parse_hub(spec)
+    if src.local is None:
+        why = hub_unreachable()
+        if why:
+            raise UserError(f"cannot reach the Hugging Face Hub to load {spec} ({why}); check the internet "
+                            "connection, or set HF_HUB_OFFLINE=1 to use a copy that datasets has cached")
+    datasets.enable_progress_bars()  # a Hub download can take minutes: show it
+    try:
+        ds = datasets.load_dataset(src.name, src.config, split=src.split, revision=src.revision)
+    except Exception as e:  # not found, no such config or split: the first line says which
+        raise UserError(f"cannot load Hugging Face dataset {spec}: {str(e).strip().splitlines()[0]}") from None
+    return dataset_documents(ds, cfg, spec)
+
+
+def _inputs(paths: list[str]) -> list[Path | str]:
+    """expand_paths for files and folders, Hub specs (hf:...) kept as they are, in the given order."""
+    out: list[Path | str] = []
+    for p in paths:
+        out.extend([p] if p.startswith(HUB) else expand_paths([p]))
+    return out
 
 
 def read_documents(cfg: DataConfig) -> list[Document]:
@@ -144,7 +226,13 @@ def read_documents(cfg: DataConfig) -> list[Document]:
     if not cfg.paths:
         return [builtin_corpus()]
     docs: list[Document] = []
-    for path in expand_paths(cfg.paths):
+    for path in _inputs(cfg.paths):
+        if isinstance(path, str):  # hf:...
+            rows = read_hub(path, cfg)
+            if not rows:
+                raise UserError(f"{path} holds no text")
+            docs.extend(rows)
+            continue
         if is_saved_dataset(path) or path.suffix.lower() in DATASET_SUFFIXES:
             rows = read_dataset(path, cfg)
             if not rows:
@@ -232,24 +320,34 @@ def encode_documents(tok: TextTokenizer, texts: list[str], dtype: np.dtype) -> n
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def cache_key(cfg: DataConfig) -> str:
+def _file_stats(p: Path) -> list:
+    if p.is_dir():  # a saved dataset: its files together
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()]
+    st = p.stat()
+    return [(str(p.resolve()), st.st_size, st.st_mtime_ns)]
+
+
+def _hub_identity(spec: str) -> list:
+    """A Hub dataset is known by name, config, split and revision: without a pinned @REVISION a prepared
+    copy is reused even if the dataset changes upstream (pin one, or clear the cache, to refresh). A
+    local folder standing in for a repository is known by its files, like any other input."""
+    src = parse_hub(spec)
+    files = _file_stats(src.local) if src.local else []
+    return [HUB, src.name, src.config, src.split, src.revision, files]
+
+
+def cache_key(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> str:
     """Hash of what determines the prepared tokens: the sources' identity and the data settings."""
     if cfg.paths:
-        sources = []
-        for p in expand_paths(cfg.paths):
-            if p.is_dir():  # a saved dataset: its files together
-                stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()]
-            else:
-                st = p.stat()
-                stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns)]
-            sources.append(stats)
+        sources = [_hub_identity(p) if isinstance(p, str) else _file_stats(p) for p in _inputs(cfg.paths)]
     else:
         sources = [BUILTIN, sys.version]
+    given = hashlib.sha256(tokenizer.tok.to_str().encode()).hexdigest() if tokenizer else None
     settings = {
         "format": FORMAT_VERSION,
         "sources": sources,
-        "tokenizer": cfg.tokenizer,
-        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
+        "tokenizer": cfg.tokenizer if given is None else given,
+        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" and given is None else None,
         "val_fraction": cfg.val_fraction,
         "errors": cfg.errors,
         "text_column": cfg.text_column,
@@ -265,6 +363,7 @@ class Prepared:
     train: np.ndarray  # memmap of token ids
     val: np.ndarray
     reused: bool  # True when the cache already held this corpus
+    note: str = ""  # why a damaged cache was rebuilt, if it was
 
     @property
     def tokens_per_byte(self) -> float:
@@ -272,58 +371,121 @@ class Prepared:
         return self.meta["val_tokens"] / max(1, self.meta["val_bytes"])
 
 
-def _open(dir_: Path, meta: dict, reused: bool) -> Prepared:
+def _open(dir_: Path, meta: dict, reused: bool, note: str = "") -> Prepared:
     dtype = np.dtype(meta["dtype"])
     tok = TextTokenizer.load(dir_ / "tokenizer.json")
     train = np.memmap(dir_ / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(dir_ / "val.bin", dtype=dtype, mode="r")
-    return Prepared(dir_, tok, meta, train, val, reused)
+    return Prepared(dir_, tok, meta, train, val, reused, note)
 
 
-def build(cfg: DataConfig, out: Path) -> dict:
-    """Read, split, train the tokenizer and write token files into `out`; returns meta."""
+def _inspect_cache(dir_: Path) -> tuple[dict | None, str]:
+    """(meta, "") for a cache folder whose files are whole, else (None, what is wrong with it)."""
+    try:
+        meta = json.loads((dir_ / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        expected = {split: meta[f"{split}_tokens"] * itemsize for split in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"its meta.json is unreadable ({type(e).__name__})"
+    if not (dir_ / "tokenizer.json").is_file():
+        return None, "tokenizer.json is missing"
+    for split, size in expected.items():
+        f = dir_ / f"{split}.bin"
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            return None, f"{split}.bin holds {actual if actual is not None else 'no'} bytes, meta.json says {size}"
+    return meta, ""
+
+
+def _bytes(ids: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(ids)).cast("B")
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(_bytes(a))
+    return h.hexdigest()
+
+
+def fingerprint(prep: Prepared) -> dict:
+    """What identifies the prepared data: the tokenizer file and the token ids (hashes) and sizes."""
+    return {
+        "tokenizer_sha256": hashlib.sha256((prep.dir / "tokenizer.json").read_bytes()).hexdigest(),
+        "tokens_sha256": prep.meta.get("tokens_sha256") or _sha256(prep.train, prep.val),
+        "train_tokens": prep.meta["train_tokens"],
+        "val_tokens": prep.meta["val_tokens"],
+    }
+
+
+def _cache_error(root: Path, e: BaseException) -> UserError:
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+    return UserError(f"cannot write the data cache in {root}: {reason}; free some space or set "
+                     "--data.cache_dir to a writable folder")
+
+
+def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) -> dict:
+    """Read, split, train the tokenizer (unless one is given) and write token files into `out`; returns meta."""
     docs = read_documents(cfg)
     train_texts, val_texts = split(docs, cfg.val_fraction)
     if not train_texts or not val_texts:
         raise UserError("the corpus is too short to hold both a training and a validation split")
     # BPE learns its merges from the training split only. A character vocabulary is the corpus's
     # character set (as in nanoGPT), so a character that occurs only in validation text still has an id.
-    tok = train_tokenizer(train_texts + val_texts if cfg.tokenizer == "char" else train_texts,
-                          cfg.tokenizer, cfg.vocab_size)
+    tok = tokenizer or train_tokenizer(train_texts + val_texts if cfg.tokenizer == "char" else train_texts,
+                                       cfg.tokenizer, cfg.vocab_size)
     dtype = storage_dtype(tok.vocab_size)
     train_ids = encode_documents(tok, train_texts, dtype)
     val_ids = encode_documents(tok, val_texts, dtype)
-    tok.save(out / "tokenizer.json")
-    train_ids.tofile(out / "train.bin")
-    val_ids.tofile(out / "val.bin")
+    try:
+        tok.save(out / "tokenizer.json")  # tokenizers raises a bare Exception when it cannot write
+        for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
+            with open(out / name, "wb") as f:  # not ndarray.tofile, whose error drops the reason (disk full)
+                f.write(_bytes(ids))
+    except Exception as e:
+        raise _cache_error(out.parent, e) from None
     meta = {
         "format": FORMAT_VERSION,
         "sources": [d.source for d in docs[:100]] + ([f"... {len(docs) - 100} more"] if len(docs) > 100 else []),
         "documents": len(docs),
-        "tokenizer": cfg.tokenizer,
+        "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "train_tokens": int(train_ids.size),
         "val_tokens": int(val_ids.size),
         "train_bytes": sum(len(t.encode("utf-8")) for t in train_texts),
         "val_bytes": sum(len(t.encode("utf-8")) for t in val_texts),
+        "tokens_sha256": _sha256(train_ids, val_ids),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    try:
+        (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    except OSError as e:
+        raise _cache_error(out.parent, e) from None
     return meta
 
 
-def prepare(cfg: DataConfig) -> Prepared:
-    """Prepared token files for cfg: reused from the cache when nothing changed, else built."""
+def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Prepared:
+    """Prepared token files for cfg: reused from the cache when nothing changed, else built.
+
+    `tokenizer` (a pretrained model's) is used instead of training one."""
     root = Path(cfg.cache_dir)
-    final = root / cache_key(cfg)
-    if (final / "meta.json").is_file():
-        return _open(final, json.loads((final / "meta.json").read_text()), reused=True)
-    root.mkdir(parents=True, exist_ok=True)
+    final = root / cache_key(cfg, tokenizer)
+    note = ""
+    if final.exists():
+        meta, problem = _inspect_cache(final)
+        if meta is not None:
+            return _open(final, meta, reused=True)
+        note = f"rebuilt the damaged cache {final}: {problem}"
+        shutil.rmtree(final, ignore_errors=True)
     # Build in a private folder and rename it into place, so a crash or a concurrent run never
     # leaves a half-written cache that a later run would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
-        meta = build(cfg, tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    except OSError as e:
+        raise _cache_error(root, e) from None
+    try:
+        meta = build(cfg, tmp, tokenizer)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs
@@ -331,7 +493,7 @@ def prepare(cfg: DataConfig) -> Prepared:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _open(final, meta, reused=False)
+    return _open(final, meta, reused=False, note=note)
 
 
 # ---------------------------------------------------------------- batches

@@ -4,6 +4,11 @@
 line (`python train.py`, `tinylm train`) is a thin layer over it. Everything a run needs is in its run
 directory: `config.yaml`, `tokenizer.json`, `data.json`, `checkpoint.pt` and TensorBoard event files.
 
+A run survives its faults: checkpoints are written atomically (tinylm/checkpoint.py); SIGINT or SIGTERM
+stops it at the end of a step with a checkpoint, and a step with a non-finite loss or gradient is
+skipped (tinylm/guard.py); `resume=True` continues it exactly where its checkpoint left off (on the
+same device and dtype, bit for bit, unless train.max_time shapes the learning-rate schedule).
+
 Gradient descent here is the seed's w_new = w - lr * dL/dw, done by AdamW for millions of weights at
 once. Weight decay (a pull of every weight towards zero) applies to weight matrices and embeddings
 only: biases and LayerNorm gains are left undecayed, as GPT-2 and nanoGPT do, since shrinking an
@@ -17,7 +22,6 @@ import json
 import math
 import platform
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,9 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinylm import __version__, checkpoint, config as config_
+from tinylm import __version__, checkpoint, config as config_, guard, tblog
 from tinylm.config import Config, TrainConfig
-from tinylm.data import Prepared, check_window, get_batch, prepare
+from tinylm.data import Prepared, check_window, fingerprint, get_batch, prepare
 from tinylm.errors import UserError
 from tinylm.generate import generate
 from tinylm.model import GPT, describe_architecture, format_parameter_table, parameter_summary, parameter_table
@@ -189,25 +193,6 @@ def environment() -> dict[str, str]:
     return env
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
-        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
-    }
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"]["keys"].numpy().astype(np.uint32), s["numpy"]["pos"], 0, 0.0))
-    keys, version, gauss = s["python"]
-    random.setstate((version, tuple(keys), gauss))
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -226,8 +211,27 @@ def train(
     np.random.seed(t.seed)
     random.seed(t.seed)
 
-    prep = prepare(cfg.data)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(name)
+    ckpt_path = run_dir / checkpoint.CHECKPOINT
+    if resume:
+        state: dict[str, Any] | None = checkpoint.load(ckpt_path)
+        changes = checkpoint.check_resume(state, cfg, ckpt_path)
+    elif ckpt_path.exists():
+        raise UserError(f"{run_dir} already holds a checkpoint; continue it with --resume {run_dir}, or pick another --run_dir")
+    else:
+        state = None
+
+    pretrained = None
+    if t.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 folder
+        from tinylm.hf import read_pretrained
+
+        pretrained = read_pretrained(t.init_from)
+        cfg.model = m = pretrained.fit(m)
+    prep = prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None)
+    vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     meta = prep.meta
+    if prep.note:
+        out(f"data: {prep.note}")
     out(
         f"data: {'reused' if prep.reused else 'prepared'} {prep.dir} | {prep.tokenizer.kind} tokenizer, "
         f"vocab {prep.tokenizer.vocab_size:,} | train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens"
@@ -235,22 +239,19 @@ def train(
     check_window("training", meta["train_tokens"], m.block_size)
     check_window("validation", meta["val_tokens"], m.block_size)
 
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(name)
-    ckpt_path = run_dir / checkpoint.CHECKPOINT
-    state: dict[str, Any] | None = None
-    if resume:
-        state = checkpoint.load(ckpt_path)
-        changed = {k: v for k, v in config_.diff(config_.from_dict(state["config"]), cfg).items()
-                   if k.startswith(("model.", "data."))}
-        if changed:
-            key, (old, new) = next(iter(changed.items()))
-            raise UserError(f"cannot resume {run_dir}: {key} was {old!r} and is now {new!r}; start a new run instead")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_.save(cfg, run_dir / "config.yaml")
-    shutil.copyfile(prep.dir / "tokenizer.json", run_dir / "tokenizer.json")
-    (run_dir / "data.json").write_text(json.dumps({**meta, "cache": str(prep.dir)}, indent=2))
+    data_id = fingerprint(prep)
+    if state is not None:
+        checkpoint.check_resume_data(state, cfg, data_id, ckpt_path)
+        for change in changes:
+            out(f"resume: {change}")
+        checkpoint.remove_stale_temps(run_dir)
+    checkpoint.write_run_files(run_dir, config_.to_yaml(cfg), prep.dir / "tokenizer.json",
+                               json.dumps({**meta, "cache": str(prep.dir)}, indent=2))
 
-    model = GPT(m, prep.tokenizer.vocab_size).to(device)
+    model = GPT(m, vocab_size).to(device)
+    if pretrained is not None and state is None:
+        model.load_state_dict(pretrained.state_for(m))
+        out(f"initialised from {t.init_from}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}")
     rows = parameter_table(model)
     summary = parameter_summary(rows)
     table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
@@ -261,11 +262,8 @@ def train(
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
     batch_gen = torch.Generator().manual_seed(t.seed)  # the data-sampling position, saved in checkpoints
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.restore(state, model, optimizer, batch_gen, ckpt_path)
         step, tokens_seen, elapsed, best_val = state["step"], state["tokens"], state["elapsed"], state["best_val"]
-        batch_gen.set_state(state["batch_rng"])
-        set_rng_state(state["rng"])
         out(f"resumed {run_dir} at step {step}")
     fwd = torch.compile(model) if t.compile else model
 
@@ -276,10 +274,18 @@ def train(
         + (f" or {t.max_time:g} s" if t.max_time else "")
     )
 
-    writer = _writer(run_dir, cfg, table, summary)
+    # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
+    writer = _writer(run_dir, cfg, table, summary, purge_step=step + 1 if state is not None else None)
+    tblog.watch_updates(optimizer, model, writer, lambda: step + 1, t.log_interval)  # update/weight ratios
+    say = tqdm.write if out is print else out  # lines printed while the progress bar is on screen
+    saver = checkpoint.Saver(ckpt_path, state["step"] if state is not None else None, say)
+    blowup = guard.BlowUpGuard(t.max_bad_steps, device, optimizer, say)
+    poisoned = guard.injected_nan_steps()
 
-    def save() -> None:
-        checkpoint.save(
+    def save(final: bool) -> None:
+        if not guard.params_finite(model):  # never replace a good checkpoint with broken weights
+            raise guard.Diverged(f"training diverged: the weights hold inf or NaN at step {step}")
+        saver.save(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -288,12 +294,13 @@ def train(
                 "elapsed": elapsed,
                 "best_val": best_val,
                 "batch_rng": batch_gen.get_state(),
-                "rng": rng_state(),
+                "rng": checkpoint.rng_state(),
                 "config": cfg.to_dict(),
-                "vocab_size": prep.tokenizer.vocab_size,
+                "vocab_size": vocab_size,
+                "data": data_id,
                 "environment": environment(),
             },
-            ckpt_path,
+            final,
         )
 
     def run_eval() -> dict[str, float]:
@@ -304,6 +311,7 @@ def train(
         best_val = min(best_val, val)
         for tag, value in (("val/loss", val), ("val/ppl", math.exp(min(val, 50))), ("val/bpb", bpb), ("train/eval_loss", train_loss)):
             writer.add_scalar(tag, value, step)
+        tblog.log_histograms(writer, model, step)
         line = f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f}, {bpb:.3f} bits/byte), train loss {train_loss:.4f}"
         if t.sample_tokens:
             text = sample_text(model, prep, t.sample_tokens, t.seed)
@@ -314,16 +322,16 @@ def train(
         return {"val_loss": val, "val_bpb": bpb, "train_loss": train_loss}
 
     figures: dict[str, float] = {}
-    if step == 0:
-        figures = run_eval()
-    model.train()
-    interrupted = False
+    stop = guard.StopSignals().install()  # from here on SIGINT/SIGTERM ask the loop to stop after its step
     bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=out is not print, file=sys.stdout)
-    started = time.perf_counter() - elapsed
-    window_start, window_tokens = time.perf_counter(), 0
     try:
-        while step < t.max_steps and not (t.max_time and elapsed >= t.max_time):
+        if step == 0:
+            figures = run_eval()
+        model.train()
+        started = time.perf_counter() - elapsed
+        window_start, window_tokens = time.perf_counter(), 0
+        while step < t.max_steps and not (t.max_time and elapsed >= t.max_time) and not stop.signal:
             lr = learning_rate(step, progress(step, elapsed, t), t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -331,9 +339,11 @@ def train(
                 x, y = get_batch(prep.train, t.batch_size, m.block_size, batch_gen, device)
                 with autocast(device, dtype):
                     _, loss = fwd(x, y)
+                if step + 1 in poisoned:  # fault injection for tests (TINYLM_TEST_NAN_STEPS)
+                    loss = loss * float("nan")
                 (loss / t.grad_accum).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-            optimizer.step()
+            blowup.step(optimizer, loss, grad_norm, step + 1)  # optimizer.step() unless not finite
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
@@ -345,30 +355,38 @@ def train(
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 loss_value = loss.item()  # the only host sync in the step, and only every log_interval
+                blowup.poll()
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("lr", lr, step)
                 writer.add_scalar("grad_norm", float(grad_norm), step)
                 writer.add_scalar("tokens_per_sec", tps, step)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             if step % t.eval_interval == 0:
+                blowup.poll()
                 figures = run_eval()
-                save()
+                save(final=False)
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
+        blowup.poll()
         bar.close()
-    elapsed = time.perf_counter() - started
-    if interrupted:
-        save()
+        elapsed = time.perf_counter() - started
+        if stop.signal:
+            if saver.step != step:
+                save(final=True)
+            out(f"stopped by {stop.name} at step {step}; checkpoint saved in {ckpt_path}\n"
+                f"  resume with: python train.py --resume {run_dir}")
+            return {"run_dir": str(run_dir), "step": step, "interrupted": True, "signal": stop.signal, **figures}
+        if step % t.eval_interval:
+            figures = run_eval()
+        save(final=True)
+        writer.add_scalar("time/elapsed_sec", elapsed, step)
+        tblog.log_embeddings(writer, model, prep.tokenizer, step)
+    except guard.Diverged as e:
+        raise UserError(f"{e}; {saver.kept()}; lower train.lr or raise train.warmup_steps, then resume with "
+                        f"--resume {run_dir}") from None
+    finally:
+        stop.uninstall()
+        bar.close()
         writer.close()
-        out(f"interrupted at step {step}; checkpoint saved. Resume with: python train.py --resume {run_dir}")
-        return {"run_dir": str(run_dir), "step": step, "interrupted": True, **figures}
-    if step % t.eval_interval:
-        figures = run_eval()
-    save()
-    writer.add_scalar("time/elapsed_sec", elapsed, step)
-    writer.close()
     out(
         f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s; val loss {figures.get('val_loss', float('nan')):.4f}\n"
         f"run saved in {run_dir}\n"
@@ -379,19 +397,22 @@ def train(
             "parameters": summary["total"], "interrupted": False, "model": model, **figures}
 
 
-def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int]):
-    """A TensorBoard writer with the run's description logged once: config, parameters, hyperparameters."""
+def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int], purge_step: int | None = None):
+    """A TensorBoard writer with the run's description logged once: config, parameters, hyperparameters.
+
+    purge_step: TensorBoard hides what earlier writers logged at this step and later (a resumed run's
+    killed predecessor may have logged steps past its checkpoint)."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
     import yaml
 
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
     writer.add_text("parameters", table)
     writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
     writer.add_text("environment", "\n".join(f"- {k}: {v}" for k, v in environment().items()))
-    for key, value in summary.items():
-        writer.add_scalar(f"parameters/{key.replace('kind:', '').replace(' ', '_')}", value, 0)
+    for key in ("total", "embedding", "non_embedding", "weights", "biases"):
+        writer.add_scalar(f"parameters/{key}", summary[key], 0)
     flat = {
         f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
         for s, section in cfg.to_dict().items() for k, v in section.items()

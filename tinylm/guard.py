@@ -1,0 +1,132 @@
+"""Keeping a training run alive: stop signals and the blow-up guard, used by the loop in tinylm/train.py.
+
+`StopSignals` turns SIGINT (Ctrl-C) and SIGTERM into a request that the loop honours at the end of the
+current step, when the weights are whole and a checkpoint can be written. A second signal takes its
+usual effect at once (Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process); the checkpoint on
+disk is then the last one written, which is whole.
+
+`BlowUpGuard` does the optimizer step only when the loss and the gradient norm are finite, so that one
+bad batch does not turn every weight into NaN, and stops the run after `max_bad_steps` such steps in a
+row. On a CPU it reads the verdict at once (a CPU has nothing to wait for). On a CUDA GPU with a fused
+optimizer (fused Adam/AdamW) it never makes the host wait: the verdict goes to the optimizer as
+`found_inf`, the flag torch's AMP GradScaler uses, and the fused kernel skips the update on the GPU;
+the verdicts are read back where the loop syncs anyway (logging, evaluation). Any other optimizer on a
+GPU reads the verdict at once, at the cost of one sync per step.
+
+Test switch: TINYLM_TEST_NAN_STEPS="7", "12-14" or "3,12-14" makes the loss of those steps NaN.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import torch
+
+from tinylm.errors import UserError
+
+
+class Diverged(UserError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+class StopSignals:
+    """Between install() and uninstall(), SIGINT and SIGTERM set `.signal` instead of stopping the process."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal = 0  # the first signal received, 0 if none
+        self._previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal:  # asked twice: let the signal do what it normally does
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        # os.write, not print: a handler can interrupt a print, and print is not reentrant.
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                    f"({again} again stops at once)\n".encode())
+
+    def install(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+class BlowUpGuard:
+    def __init__(self, max_bad_steps: int, device: torch.device, optimizer: torch.optim.Optimizer,
+                 out: Callable[[str], None]):
+        self.max_bad_steps = max_bad_steps
+        self.out = out
+        self.on_device = device.type == "cuda" and getattr(optimizer, "_step_supports_amp_scaling", False)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, verdict still on the GPU)
+        self.streak: list[int] = []  # the steps of the current run of bad steps
+        self.skipped = 0
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> None:
+        """optimizer.step(), unless the loss or the gradient norm is inf or NaN (a NaN anywhere in the
+        gradient makes its norm NaN, and any micro-batch's NaN loss reaches the gradient)."""
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if self.on_device:
+            optimizer.found_inf = bad.float().reshape(1)  # fused kernels skip the update when this is 1
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            self.pending.append((step, bad))
+        elif bool(bad):
+            self._record(step, True)
+        else:
+            optimizer.step()
+            self._record(step, False)
+
+    def poll(self) -> None:
+        """Take in the verdicts still on the GPU (one transfer; call it where the loop syncs anyway)."""
+        if self.pending:
+            verdicts = torch.stack([bad for _, bad in self.pending]).tolist()
+            steps = [step for step, _ in self.pending]
+            self.pending = []
+            for step, bad in zip(steps, verdicts):
+                self._record(step, bad)
+
+    def _record(self, step: int, bad: bool) -> None:
+        if not bad:
+            self.streak = []
+            return
+        self.streak.append(step)
+        self.skipped += 1
+        self.out(f"warning: step {step}: the loss or the gradient is not finite; the update was skipped "
+                 f"({len(self.streak)} in a row; {self.max_bad_steps} in a row stop the run)")
+        if len(self.streak) >= self.max_bad_steps:
+            first, last = self.streak[0], self.streak[-1]
+            raise Diverged(f"training diverged: the loss or the gradient was not finite for {len(self.streak)} "
+                           f"steps in a row (steps {first}-{last}), each skipped")
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    """True when no weight is inf or NaN (a finite gradient with a huge step can still overflow one)."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+def injected_nan_steps() -> set[int]:
+    """The steps whose loss TINYLM_TEST_NAN_STEPS asks to poison, for fault-injection tests."""
+    steps: set[int] = set()
+    for part in filter(None, os.environ.get("TINYLM_TEST_NAN_STEPS", "").replace(" ", "").split(",")):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps

@@ -1,0 +1,92 @@
+"""What training does to weights, biases and embeddings, written to TensorBoard.
+
+`tinylm/train.py` calls three functions; everything they write lands in the run's own event files:
+
+* `log_histograms` at every evaluation: one histogram per parameter tensor, filed by kind
+  (`weights/`, `biases/`, `embeddings/`, `norm_gains/`) and named by layer, e.g.
+  `weights/blocks.0.attn.qkv` and `biases/blocks.0.attn.qkv`: how each layer's numbers spread out.
+* `watch_updates` hooks the optimizer so that every `every` steps it logs the update-to-weight ratio
+  ||w_after - w_before|| / ||w_before|| of each kind (`update_ratio/weights`, `update_ratio/biases`, ...):
+  how big a nudge gradient descent gave. On other steps it does nothing, so the copy of the parameters
+  and the one host sync it needs are paid only at the log interval.
+* `log_embeddings` at the end: the token embedding matrix for TensorBoard's projector, each row
+  labelled with its token's text, so the seed's "cat is near dog" can be looked at in 3-D.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from tinylm.model import param_kind
+
+# TensorBoard groups tags by their first path component: one group per kind of parameter.
+KIND_GROUPS = {"embedding": "embeddings", "weight": "weights", "bias": "biases", "norm gain": "norm_gains"}
+HISTOGRAM_BINS = 64  # TensorBoard shows 30; its default 'tensorflow' bins make each histogram 7x larger on disk
+MAX_PROJECTOR_TOKENS = 8192  # the projector's file is text, ~8 bytes a number: cap large vocabularies
+
+
+def tag_group(name: str, p: torch.Tensor) -> str:
+    kind = param_kind(name, p)
+    return KIND_GROUPS.get(kind, kind.replace(" ", "_"))
+
+
+def histogram_tag(name: str, p: torch.Tensor) -> str:
+    """'blocks.0.attn.qkv.bias' -> 'biases/blocks.0.attn.qkv'."""
+    layer = name.removesuffix(".weight").removesuffix(".bias")
+    return f"{tag_group(name, p)}/{layer}"
+
+
+def log_histograms(writer, model: torch.nn.Module, step: int) -> None:
+    for name, p in model.named_parameters():
+        values = p.detach().float()
+        if torch.isfinite(values).all():  # a histogram needs finite numbers; the blow-up guard reports the rest
+            writer.add_histogram(histogram_tag(name, p), values, step, bins=HISTOGRAM_BINS)
+
+
+def watch_updates(optimizer: torch.optim.Optimizer, model: torch.nn.Module, writer,
+                  next_step: Callable[[], int], every: int):
+    """Log the update-to-weight ratio of each kind of parameter on the optimizer steps numbered
+    next_step() that are multiples of `every`. Returns the hook handles (`.remove()` to stop)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(tag_group(name, p), []).append(p)
+    before: list[torch.Tensor] = []
+
+    def pre(opt, args, kwargs) -> None:
+        before.clear()
+        if next_step() % every == 0:
+            before.extend(p.detach().clone() for ps in groups.values() for p in ps)
+
+    def post(opt, args, kwargs) -> None:
+        if not before:
+            return
+        old = iter(before)
+        ratios = []
+        for ps in groups.values():
+            pairs = [(p.detach(), next(old)) for p in ps]
+            delta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - b) for p, b in pairs]))
+            size = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for _, b in pairs]))
+            ratios.append(delta / size)
+        before.clear()
+        for group, value in zip(groups, torch.stack(ratios).tolist()):  # the one host sync
+            if math.isfinite(value):  # a group still all zeros (biases at step 1) has no ratio yet
+                writer.add_scalar(f"update_ratio/{group}", value, next_step())
+
+    return optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token's text as Python writes it: quotes show leading spaces, and newlines stay on one line."""
+    return repr(tokenizer.decode([token_id]))
+
+
+def log_embeddings(writer, model: torch.nn.Module, tokenizer, step: int) -> None:
+    """The token embedding matrix (rows = tokens) for the projector, labelled with decoded tokens."""
+    emb = model.tok_emb.weight.detach().float().cpu()
+    n = min(len(emb), tokenizer.vocab_size, MAX_PROJECTOR_TOKENS)
+    labels = [token_label(tokenizer, i) for i in range(n)]
+    # The projector reads a text file: five decimals keep cosine similarities and make it 2.5x smaller.
+    writer.add_embedding(emb[:n].double().round(decimals=5), metadata=labels, global_step=step, tag="tok_emb")
