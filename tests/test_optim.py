@@ -77,7 +77,8 @@ def test_muon_refuses_non_matrices():
 
 
 def test_make_optimizer_gives_muon_the_block_matrices_only():
-    model = GPT(tiny_config(__import__("pathlib").Path("."), [], model={"tie_embeddings": False}).model, vocab_size=20)
+    model = GPT(tiny_config(__import__("pathlib").Path("."), [], model={"tie_embeddings": False, "pos": "learned"}).model,
+                vocab_size=20)
     opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=2e-3, muon_lr=0.02, weight_decay=0.1), torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decay, plain, muon = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)

@@ -95,12 +95,15 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys are normed and rotated together
         if self.q_norm is not None:  # in float32 (under autocast q and k arrive as bfloat16), as Qwen3 does
-            q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
+            q, k = qk.unbind(2)
+            qk = torch.stack((self.q_norm(q.float()), self.k_norm(k.float())), dim=2).type_as(qk)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         mask, causal = None, True
         if cache is not None:
             past = cache.length
@@ -214,7 +217,8 @@ class GPT(nn.Module):
         if self.cfg.pos == "learned":
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs) each
+            # (T, 1, 1, hs) each: one angle per position and channel, the same for queries, keys and heads
+            rope = self.rope_cos[start : start + T, None, None], self.rope_sin[start : start + T, None, None]
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)

@@ -86,6 +86,8 @@ class Muon(torch.optim.Optimizer):
         for shape, ps in by_shape.items():
             grads = [p.grad for p in ps]
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+            # Updates counted per tensor, as AdamW counts them (a skipped step is visible in the state).
+            torch._foreach_add_([self.state[p].setdefault("step", torch.tensor(0.0)) for p in ps], 1.0)
             torch._foreach_lerp_(bufs, grads, 1 - beta)  # momentum: buf = beta * buf + (1 - beta) * grad
             nesterov = torch._foreach_lerp(grads, bufs, beta)  # look ahead: grad + beta * (buf - grad)
             update = orthogonalize(torch.stack(nesterov), dtype=self.ns_dtype)
