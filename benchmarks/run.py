@@ -1,6 +1,6 @@
 """Run the benchmarks: the nanoGPT baseline recipe and tinylm's tuned defaults side by side, one table.
 
-    python -m benchmarks.run                      # the full run: 60 s and 600 s budgets (about 45 minutes)
+    python -m benchmarks.run                      # the full run: 60 s and 600 s budgets (30-45 minutes)
     python -m benchmarks.run --quick              # a few minutes: shorter measurements, one 60 s budget
     python -m benchmarks.run --suites throughput,sampling --corpus path/to/tinyshakespeare.txt
     python -m benchmarks.run --levers             # also each lever on its own (adds about 20 minutes; quick 8)
