@@ -46,8 +46,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 32  # sequences per micro-batch (in each process)
+    grad_accum: int = 1  # micro-batches per optimizer step, shared among the processes (a multiple of their number)
     lr: float = 2e-3  # peak learning rate (eta in w_new = w - eta * dL/dw)
     min_lr: float = 2e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100
@@ -66,6 +66,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 autocast where the hardware has fast bf16, else float32
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    strategy: str = "ddp"  # with several processes (torchrun): ddp (whole model in each) or fsdp (sharded)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -196,6 +197,7 @@ def validate(cfg: Config) -> Config:
     if t.device not in ("auto", "cpu", "mps") and not t.device.startswith("cuda"):
         raise UserError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _choice("train.strategy", t.strategy, ("ddp", "fsdp"))
     return cfg
 
 

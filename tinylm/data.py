@@ -413,7 +413,19 @@ def get_batch(
     ids: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` random windows of `block_size + 1` tokens: inputs and the same shifted by one."""
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=gen).tolist()
+    return batch_windows(ids, batch_starts(len(ids), batch_size, block_size, gen), block_size, device)
+
+
+def batch_starts(n_ids: int, batch_size: int, block_size: int, gen: torch.Generator) -> list[int]:
+    """Where `batch_size` random windows start (drawn apart from reading them, so that every process of a
+    distributed run draws the whole global batch alike and reads only its share)."""
+    return torch.randint(n_ids - block_size, (batch_size,), generator=gen).tolist()
+
+
+def batch_windows(
+    ids: np.ndarray, starts: list[int], block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `block_size + 1` tokens at `starts`: inputs and the same shifted by one."""
     windows = torch.from_numpy(np.stack([ids[s : s + block_size + 1] for s in starts]).astype(np.int64))
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         windows = windows.pin_memory().to(device, non_blocking=True)
