@@ -42,6 +42,7 @@ class DataConfig:
     cache_dir: str = "data/cache"  # prepared token files are kept here and reused
     errors: str = "strict"  # invalid UTF-8: "strict" stops with the position, "replace" uses U+FFFD
     text_column: str = ""  # for .jsonl/.csv/.parquet/saved datasets: the text column (auto if empty)
+    tokenizer_sample_bytes: int = 100_000_000  # BPE learns from at most about this much training text (a sample)
 
 
 @dataclass
@@ -181,6 +182,8 @@ def validate(cfg: Config) -> Config:
         )
     if d.tokenizer == "bpe" and d.vocab_size > 2**32:
         raise UserError(f"data.vocab_size must be at most {2**32:,} (token ids are stored as uint32), got {d.vocab_size:,}")
+    if d.tokenizer_sample_bytes < 1:
+        raise UserError(f"config key 'data.tokenizer_sample_bytes' must be > 0, got {d.tokenizer_sample_bytes}")
     if not 0 < d.val_fraction < 1:
         raise UserError(f"config key 'data.val_fraction' must be between 0 and 1, got {d.val_fraction}")
 
