@@ -38,19 +38,22 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
 from tinylm.tokenizer import TextTokenizer
 from tinylm.tokenizer import train as train_tokenizer
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT_VERSION = 1
 DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN = "builtin:pydoc_data"
-READ_BYTES = 1 << 24  # bytes read from a text file at a time
+READ_BYTES = 1 << 22  # bytes read from a text file at a time
 PIECE_CHARS = 1 << 16  # characters per piece handed to the tokenizer
 BATCH_CHARS = 1 << 22  # characters tokenized in one parallel batch
 SAMPLE_WINDOW = 1 << 20  # characters per window of a sampled BPE training text
@@ -697,6 +700,8 @@ def get_batch(
 def batch_starts(n_ids: int, batch_size: int, block_size: int, gen: torch.Generator) -> list[int]:
     """Where `batch_size` random windows start (drawn apart from reading them, so that every process of a
     distributed run draws the whole global batch alike and reads only its share)."""
+    import torch  # here, not at the top: preparing data needs no torch (and its 200 MB)
+
     return torch.randint(n_ids - block_size, (batch_size,), generator=gen).tolist()
 
 
@@ -704,6 +709,8 @@ def batch_windows(
     ids: np.ndarray, starts: list[int], block_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of `block_size + 1` tokens at `starts`: inputs and the same shifted by one."""
+    import torch
+
     windows = torch.from_numpy(np.stack([ids[s : s + block_size + 1] for s in starts]).astype(np.int64))
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         windows = windows.pin_memory().to(device, non_blocking=True)
