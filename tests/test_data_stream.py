@@ -135,3 +135,22 @@ def test_char_vocabulary_sees_every_character_of_a_large_corpus(tmp_path, tiny_p
     prep = data.prepare(DataConfig(paths=[str(p)], tokenizer="char", cache_dir=str(tmp_path / "c")))
     assert set(prep.tokenizer.tok.get_vocab()) == {"a", "b", "c", "\n", "Ω", "ζ", "<|endoftext|>"}
     assert prep.tokenizer.decode(prep.val[:-1].tolist()).endswith("cζ")
+
+
+def test_a_hub_dataset_streamed_gives_the_same_shards(tmp_path):
+    # A local folder laid out like a Hub repository stands in for the Hub (as in test_hub_data.py).
+    import datasets
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    rows = [f"story {i}: " + "once upon a time " * (i % 5 + 1) + "\n" for i in range(200)]
+    datasets.Dataset.from_dict({"text": rows, "n": list(range(200))}).to_parquet(repo / "data" / "train.parquet")
+
+    def prepared(streaming: bool) -> dict[str, bytes]:
+        cfg = DataConfig(paths=[f"hf:{repo}"], tokenizer="bpe", vocab_size=300, streaming=streaming,
+                         cache_dir=str(tmp_path / f"cache-{streaming}"))
+        return cache_files(data.prepare(cfg))
+
+    streamed = prepared(True)
+    assert streamed == prepared(False)
+    assert json.loads(streamed["meta"])["documents"] == 200

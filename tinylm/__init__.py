@@ -2,7 +2,8 @@
 
 Modules, in the order data flows through them: `config` (settings), `tokenizer` and `data` (text to
 token ids on disk), `model` (the transformer and its parameter accounting), `train` (the loop),
-`checkpoint` (saving a run), `generate` (sampling), `cli` (the `tinylm` command).
+`checkpoint` (saving a run), `generate` (sampling), `cli` (the `tinylm` command). Around them:
+`download` (classic corpora), `hf` and `export` (the Hugging Face transformers format, both ways).
 """
 
 __version__ = "0.1.0"

@@ -1,11 +1,14 @@
-"""The `tinylm` command: `tinylm train ...` and `tinylm sample RUN_DIR ...`.
+"""The `tinylm` command: `tinylm train ...`, `tinylm sample RUN_DIR ...`, `tinylm export`, `tinylm download`.
 
 Only argument parsing and friendly errors live here: a `UserError` from anywhere below becomes one
 `error: ...` line on stderr and exit status 2, never a traceback.
 
-    tinylm train [--config PATH] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--section.field=VALUE ...]
+    tinylm train [--config PATH] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--init_from HF_DIR]
+                 [--section.field=VALUE ...]
     tinylm sample RUN_DIR [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
                   [--seed S] [--num_samples N]
+    tinylm export RUN_DIR OUT_DIR [--force]          a Hugging Face transformers folder
+    tinylm download NAME [--dir DIR] [--mirror URL]  a classic corpus into data/ (--list shows them)
 """
 
 from __future__ import annotations
@@ -58,9 +61,13 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders of .txt (default: built-in corpus)")
     p.add_argument("--run_dir", help="where to write the run (default: runs/<config name>, numbered if taken)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--init_from", metavar="DIR", help="fine-tune a GPT-2 folder (transformers' save_pretrained): "
+                   "its weights, shape and tokenizer (same as --train.init_from=DIR)")
     args = p.parse_args(rest)
     if args.data:
         overrides["data.paths"] = args.data
+    if args.init_from:
+        overrides["train.init_from"] = args.init_from
     config_path = args.config
     run_dir = args.run_dir
     if args.resume:
@@ -75,7 +82,10 @@ def cmd_train(argv: list[str]) -> int:
     cfg = config_.load(config_path, overrides)
     name = Path(args.config).stem if args.config else "default"
     if args.data:
-        name += "-" + Path(args.data[0]).stem
+        from tinylm.data import HUB, parse_hub
+
+        first = args.data[0]
+        name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)
 
     from tinylm.train import train
 
@@ -135,7 +145,38 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+def cmd_export(argv: list[str]) -> int:
+    p = _Parser(prog="tinylm export", description="Write a trained run as a Hugging Face transformers model folder.")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier export in OUT_DIR")
+    args = p.parse_args(argv)
+    from tinylm.export import export
+
+    export(args.run_dir, args.out_dir, force=args.force)
+    return 0
+
+
+def cmd_download(argv: list[str]) -> int:
+    from tinylm import download
+
+    p = _Parser(prog="tinylm download", description="Download a classic text corpus, checksum verified.",
+                epilog="corpora:\n" + download.listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(download.CORPORA)}")
+    p.add_argument("--dir", default="data", help="where to write it (default: data)")
+    p.add_argument("--mirror", metavar="URL", help="fetch the same files from this base URL instead")
+    p.add_argument("--list", action="store_true", help="list the corpora")
+    args = p.parse_args(argv)
+    if args.list:
+        print(download.listing())
+        return 0
+    if not args.name:
+        raise UserError(f"name a corpus: {', '.join(download.CORPORA)} (tinylm download --list describes them)")
+    download.download(args.name, args.dir, mirror=args.mirror)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "download": cmd_download}
 
 
 def main(argv: list[str] | None = None) -> int:

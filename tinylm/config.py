@@ -43,6 +43,7 @@ class DataConfig:
     errors: str = "strict"  # invalid UTF-8: "strict" stops with the position, "replace" uses U+FFFD
     text_column: str = ""  # for .jsonl/.csv/.parquet/saved datasets: the text column (auto if empty)
     tokenizer_sample_bytes: int = 100_000_000  # BPE learns from at most about this much training text (a sample)
+    streaming: bool = False  # hf: datasets: stream the rows (read once per pass) instead of downloading first
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
     strategy: str = "ddp"  # with several processes (torchrun): ddp (whole model in each) or fsdp (sharded)
+    init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

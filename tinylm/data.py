@@ -13,7 +13,8 @@ folder whose files do not match its meta.json (a disk that filled up, a file cut
 `fingerprint` identifies the prepared tokens, so a resumed run can tell that its data is the same.
 
 Inputs: text files, folders of `.txt` files (searched recursively), or, read through Hugging Face
-`datasets`, `.jsonl`/`.json`/`.csv`/`.parquet` files and folders written by `Dataset.save_to_disk`.
+`datasets`, `.jsonl`/`.json`/`.csv`/`.parquet` files, folders written by `Dataset.save_to_disk`, and
+Hub datasets named `hf:NAME[@REVISION][:CONFIG][:SPLIT]` (e.g. `hf:roneneldan/TinyStories`).
 With no input the built-in corpus is used: the Python reference documentation that every CPython
 ships as `pydoc_data.topics` (about 465 KB of English technical prose), so training works offline.
 
@@ -259,14 +260,92 @@ def read_dataset(path: Path, cfg: DataConfig) -> Iterator[Document]:
     yield from dataset_documents(ds, cfg, str(path))
 
 
+# ---------------------------------------------------------------- Hugging Face Hub datasets
+
+HUB = "hf:"
+
+
+@dataclass
+class HubSource:
+    name: str  # "roneneldan/TinyStories", or a local folder laid out like a Hub dataset repository
+    config: str | None
+    split: str  # "train", or a slice such as "train[:10%]"
+    revision: str | None  # a branch, tag or commit of the dataset repository
+
+    @property
+    def local(self) -> Path | None:
+        p = Path(self.name)
+        return p if p.exists() else None
+
+
+def parse_hub(spec: str) -> HubSource:
+    """hf:NAME[@REVISION][:CONFIG][:SPLIT] -> its parts (the split may itself hold colons: train[:10%])."""
+    name, _, rest = spec[len(HUB):].partition(":")
+    config, _, split_ = rest.partition(":")
+    name, _, revision = name.partition("@")
+    if not name:
+        raise UserError(f"'{spec}' names no dataset; write hf:NAME[@REVISION][:CONFIG][:SPLIT], e.g. hf:roneneldan/TinyStories")
+    return HubSource(name, config or None, split_ or "train", revision or None)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached, or None. Offline, `datasets` would retry for half a minute and
+    print a warning per attempt; one quick connection says the same at once. Skipped in offline mode
+    (HF_HUB_OFFLINE=1 loads what `datasets` has cached) and behind a proxy (the probe would go direct)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
+def read_hub(spec: str, cfg: DataConfig) -> Iterator[Document]:
+    """A Hugging Face Hub dataset split, downloaded (and cached) by `datasets.load_dataset`, or with
+    data.streaming rows streamed as they are read (without a copy on disk; read once per pass)."""
+    import datasets
+
+    src = parse_hub(spec)
+    if src.local is None:
+        why = hub_unreachable()
+        if why:
+            raise UserError(f"cannot reach the Hugging Face Hub to load {spec} ({why}); check the internet "
+                            "connection, or set HF_HUB_OFFLINE=1 to use a copy that datasets has cached")
+    datasets.enable_progress_bars()  # a Hub download can take minutes: show it
+    try:
+        ds = datasets.load_dataset(src.name, src.config, split=src.split, revision=src.revision,
+                                   streaming=cfg.streaming)
+    except Exception as e:  # not found, no such config or split: the first line says which
+        raise UserError(f"cannot load Hugging Face dataset {spec}: {str(e).strip().splitlines()[0]}") from None
+    yield from dataset_documents(ds, cfg, spec)
+
+
+def _inputs(paths: list[str]) -> list[Path | str]:
+    """expand_paths for files and folders, Hub specs (hf:...) kept as they are, in the given order."""
+    out: list[Path | str] = []
+    for p in paths:
+        out.extend([p] if p.startswith(HUB) else expand_paths([p]))
+    return out
+
+
 def iter_documents(cfg: DataConfig) -> Iterator[Document]:
     """Every document of the configured corpus, cleaned, in a stable order, read lazily: each call reads
     the corpus afresh, a file a chunk at a time."""
     if not cfg.paths:
         yield builtin_corpus()
         return
-    for path in expand_paths(cfg.paths):
-        if is_saved_dataset(path) or path.suffix.lower() in DATASET_SUFFIXES:
+    for path in _inputs(cfg.paths):
+        if isinstance(path, str):  # hf:...
+            yield from read_hub(path, cfg)
+        elif is_saved_dataset(path) or path.suffix.lower() in DATASET_SUFFIXES:
             yield from read_dataset(path, cfg)
         else:
             yield Document(str(path), read_text_file(path, cfg.errors))
@@ -507,26 +586,37 @@ def encode(tok: TextTokenizer, events: Iterable[tuple[int, str | None]], files: 
     flush()
 
 
-def cache_key(cfg: DataConfig) -> str:
+def _file_stats(p: Path) -> list:
+    if p.is_dir():  # a saved dataset: its files together
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()]
+    st = p.stat()
+    return [(str(p.resolve()), st.st_size, st.st_mtime_ns)]
+
+
+def _hub_identity(spec: str) -> list:
+    """A Hub dataset is known by name, config, split and revision: without a pinned @REVISION a prepared
+    copy is reused even if the dataset changes upstream (pin one, or clear the cache, to refresh). A
+    local folder standing in for a repository is known by its files, like any other input."""
+    src = parse_hub(spec)
+    files = _file_stats(src.local) if src.local else []
+    return [HUB, src.name, src.config, src.split, src.revision, files]
+
+
+def cache_key(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> str:
     """Hash of what determines the prepared tokens: the sources' identity and the data settings."""
     if cfg.paths:
-        sources = []
-        for p in expand_paths(cfg.paths):
-            if p.is_dir():  # a saved dataset: its files together
-                stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()]
-            else:
-                st = p.stat()
-                stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns)]
-            sources.append(stats)
+        sources = [_hub_identity(p) if isinstance(p, str) else _file_stats(p) for p in _inputs(cfg.paths)]
     else:
         sources = [BUILTIN, sys.version]
+    given = hashlib.sha256(tokenizer.tok.to_str().encode()).hexdigest() if tokenizer else None
+    trained_bpe = cfg.tokenizer == "bpe" and given is None
     settings = {
         "format": FORMAT_VERSION,
         "sources": sources,
-        "tokenizer": cfg.tokenizer,
-        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
+        "tokenizer": cfg.tokenizer if given is None else given,
+        "vocab_size": cfg.vocab_size if trained_bpe else None,
         "val_fraction": cfg.val_fraction,
-        "tokenizer_sample_bytes": cfg.tokenizer_sample_bytes if cfg.tokenizer == "bpe" else None,
+        "tokenizer_sample_bytes": cfg.tokenizer_sample_bytes if trained_bpe else None,
         "errors": cfg.errors,
         "text_column": cfg.text_column,
     }
@@ -602,16 +692,18 @@ def _cache_error(root: Path, e: BaseException) -> UserError:
                      "--data.cache_dir to a writable folder")
 
 
-def build(cfg: DataConfig, out: Path) -> dict:
-    """Read, split, train the tokenizer and write token files into `out`; returns meta. Memory stays
-    bounded however large the corpus: see the module's docstring."""
+def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) -> dict:
+    """Read, split, train the tokenizer (unless one is given) and write token files into `out`; returns
+    meta. Memory stays bounded however large the corpus: see the module's docstring."""
     corpus = survey(cfg)
     cut = round(corpus.chars * (1 - cfg.val_fraction))
     if not 0 < cut < corpus.chars:
         raise UserError("the corpus is too short to hold both a training and a validation split")
     # BPE learns its merges from (a sample of) the training split only. A character vocabulary is the
     # corpus's character set (as in nanoGPT), so a character that occurs only in validation text has an id.
-    if cfg.tokenizer == "char":
+    if tokenizer is not None:
+        tok = tokenizer
+    elif cfg.tokenizer == "char":
         tok = train_tokenizer([corpus.characters()], "char", cfg.vocab_size)
     else:
         tok = train_tokenizer(bpe_sample(cfg, cut, corpus), "bpe", cfg.vocab_size)
@@ -633,7 +725,7 @@ def build(cfg: DataConfig, out: Path) -> dict:
         "format": FORMAT_VERSION,
         "sources": corpus.sources + ([f"... {corpus.documents - 100} more"] if corpus.documents > 100 else []),
         "documents": corpus.documents,
-        "tokenizer": cfg.tokenizer,
+        "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "train_tokens": files.tokens[TRAIN],
@@ -649,10 +741,12 @@ def build(cfg: DataConfig, out: Path) -> dict:
     return meta
 
 
-def prepare(cfg: DataConfig) -> Prepared:
-    """Prepared token files for cfg: reused from the cache when nothing changed, else built."""
+def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Prepared:
+    """Prepared token files for cfg: reused from the cache when nothing changed, else built.
+
+    `tokenizer` (a pretrained model's) is used instead of training one."""
     root = Path(cfg.cache_dir)
-    final = root / cache_key(cfg)
+    final = root / cache_key(cfg, tokenizer)
     note = ""
     if final.exists():
         meta, problem = _inspect_cache(final)
@@ -668,7 +762,7 @@ def prepare(cfg: DataConfig) -> Prepared:
     except OSError as e:
         raise _cache_error(root, e) from None
     try:
-        meta = build(cfg, tmp)
+        meta = build(cfg, tmp, tokenizer)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs

@@ -216,7 +216,14 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
     else:
         state = None
 
-    prep = d.first_on_each_node(lambda: prepare(cfg.data))
+    pretrained = None
+    if t.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 folder
+        from tinylm.hf import read_pretrained
+
+        pretrained = read_pretrained(t.init_from)
+        cfg.model = m = pretrained.fit(m)
+    prep = d.first_on_each_node(lambda: prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None))
+    vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     meta = prep.meta
     if prep.note:
         out(f"data: {prep.note}")
@@ -236,7 +243,10 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
     d.on_main(lambda: checkpoint.write_run_files(run_dir, config_.to_yaml(cfg), prep.dir / "tokenizer.json",
                                                  json.dumps({**meta, "cache": str(prep.dir)}, indent=2)))
 
-    model = GPT(m, prep.tokenizer.vocab_size)
+    model = GPT(m, vocab_size)
+    if pretrained is not None and state is None:
+        model.load_state_dict(pretrained.state_for(m))
+        out(f"initialised from {t.init_from}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}")
     rows = parameter_table(model)
     summary = parameter_summary(rows)
     table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
@@ -290,7 +300,7 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
                 "batch_rng": batch_gen.get_state(),
                 "rng": checkpoint.rng_state(),
                 "config": cfg.to_dict(),
-                "vocab_size": prep.tokenizer.vocab_size,
+                "vocab_size": vocab_size,
                 "data": data_id,
                 "environment": environment(),
             },

@@ -1,0 +1,334 @@
+"""tinylm models in the Hugging Face `transformers` checkpoint format, both ways.
+
+The default tinylm model is a GPT-2: token plus learned position embeddings, pre-LayerNorm blocks, GELU
+in its tanh form (what transformers calls "gelu_new"), a final LayerNorm, a head tied to the token
+embedding. Its tensors map one to one onto `GPT2LMHeadModel`'s, with two differences of layout:
+
+* GPT-2's linear layers are `Conv1D` modules whose weight is stored (in, out), the transpose of
+  `nn.Linear`'s (out, in);
+* GPT-2 always has biases, so a model trained with `model.bias=false` is written with zero biases,
+  which compute exactly what no biases compute.
+
+With the modern switches (model.pos=rope, norm=rmsnorm, mlp=swiglu) the model is a Llama and maps onto
+`LlamaForCausalLM`: the fused q/k/v projection splits into q_proj, k_proj, v_proj and the fused SwiGLU
+input into gate_proj and up_proj; biases, if any, become attention_bias and mlp_bias. Any other mix
+(ReLU squared, QK-norm, learned positions with RMSNorm, ...) is refused with the reason.
+
+`architecture` and `to_hf` write the format (`tinylm export`); `read_pretrained` reads a GPT-2 folder
+written by `save_pretrained` (config.json, model.safetensors or pytorch_model.bin, and a tokenizer) back
+into a tinylm model config, state dict and tokenizer (`tinylm train --init_from`). None of this needs
+`transformers`: config.json is plain JSON and the weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinylm.config import ModelConfig
+from tinylm.errors import UserError
+from tinylm.tokenizer import EOT, TextTokenizer
+
+LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, and GPT-2's
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+# One entry per tinylm tensor: (tinylm name, the Hugging Face names it becomes, transposed). Several
+# names split the tensor by rows into equal parts (tinylm fuses q, k, v into one projection, and for
+# SwiGLU gate and up into one); transposed marks GPT-2's Conv1D layers.
+Names = list[tuple[str, tuple[str, ...], bool]]
+
+# Per GPT-2 block: (tinylm module, GPT-2 module, GPT-2 stores the weight transposed because it is a Conv1D).
+_GPT2_BLOCK = (
+    ("norm1", "ln_1", False),
+    ("attn.qkv", "attn.c_attn", True),  # queries, keys and values in one (C -> 3C) projection
+    ("attn.proj", "attn.c_proj", True),
+    ("norm2", "ln_2", False),
+    ("mlp.fc", "mlp.c_fc", True),
+    ("mlp.proj", "mlp.c_proj", True),
+)
+
+
+def gpt2_names(n_layer: int, tied: bool) -> Names:
+    """Every GPT2LMHeadModel tensor, biases included (GPT-2 always has them)."""
+    names: Names = [("tok_emb.weight", ("transformer.wte.weight",), False),
+                    ("pos_emb.weight", ("transformer.wpe.weight",), False)]
+    for i in range(n_layer):
+        for ours, theirs, conv in _GPT2_BLOCK:
+            names.append((f"blocks.{i}.{ours}.weight", (f"transformer.h.{i}.{theirs}.weight",), conv))
+            names.append((f"blocks.{i}.{ours}.bias", (f"transformer.h.{i}.{theirs}.bias",), False))
+    names += [("norm_f.weight", ("transformer.ln_f.weight",), False), ("norm_f.bias", ("transformer.ln_f.bias",), False)]
+    if not tied:
+        names.append(("head.weight", ("lm_head.weight",), False))
+    return names
+
+
+def llama_names(n_layer: int, tied: bool, bias: bool) -> Names:
+    """Every LlamaForCausalLM tensor; biases (attention_bias, mlp_bias) only if the model has them."""
+    names: Names = [("tok_emb.weight", ("model.embed_tokens.weight",), False)]
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        names.append((ours + "norm1.weight", (theirs + "input_layernorm.weight",), False))
+        names.append((ours + "norm2.weight", (theirs + "post_attention_layernorm.weight",), False))
+        for p in ("weight", "bias") if bias else ("weight",):
+            names.append((ours + f"attn.qkv.{p}", tuple(theirs + f"self_attn.{x}_proj.{p}" for x in "qkv"), False))
+            names.append((ours + f"attn.proj.{p}", (theirs + f"self_attn.o_proj.{p}",), False))
+            names.append((ours + f"mlp.fc.{p}", (theirs + f"mlp.gate_proj.{p}", theirs + f"mlp.up_proj.{p}"), False))
+            names.append((ours + f"mlp.proj.{p}", (theirs + f"mlp.down_proj.{p}",), False))
+    names.append(("norm_f.weight", ("model.norm.weight",), False))
+    if not tied:
+        names.append(("head.weight", ("lm_head.weight",), False))
+    return names
+
+
+# ---------------------------------------------------------------- which architecture
+
+GPT2_SWITCHES = ("learned", "layernorm", "gelu")  # model.pos, model.norm, model.mlp
+LLAMA_SWITCHES = ("rope", "rmsnorm", "swiglu")
+
+
+def switches(m: ModelConfig) -> tuple[str, str, str]:
+    # getattr: the architecture switches are newer than the GPT-2 model; a config without them is GPT-2.
+    return getattr(m, "pos", "learned"), getattr(m, "norm", "layernorm"), getattr(m, "mlp", "gelu")
+
+
+def architecture(m: ModelConfig) -> str:
+    """'gpt2' or 'llama': the transformers architecture that computes exactly what m computes.
+    A combination neither can express is a UserError that says why."""
+    if getattr(m, "qk_norm", False):
+        raise UserError("cannot export: model.qk_norm=true (RMSNorm on queries and keys) exists in neither "
+                        "GPT2LMHeadModel nor LlamaForCausalLM")
+    have = switches(m)
+    if have == GPT2_SWITCHES:
+        return "gpt2"
+    if have == LLAMA_SWITCHES:
+        return "llama"
+    if have[2] == "relu2":
+        raise UserError("cannot export: model.mlp=relu2 (ReLU squared) exists in neither GPT-2 (GELU) nor Llama (SwiGLU)")
+    raise UserError(
+        "cannot export: model.pos={}, model.norm={}, model.mlp={} mixes the two architectures transformers "
+        "loads: GPT-2 is pos=learned, norm=layernorm, mlp=gelu; Llama is pos=rope, norm=rmsnorm, mlp=swiglu".format(*have)
+    )
+
+
+# ---------------------------------------------------------------- tinylm -> Hugging Face
+
+
+def _mlp_width(state: dict[str, torch.Tensor]) -> int:
+    return state["blocks.0.mlp.proj.weight"].shape[1]  # the down projection reads the hidden layer
+
+
+def gpt2_config(m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int, eot_id: int) -> dict[str, Any]:
+    """config.json of a GPT2LMHeadModel with tinylm's shape (written by hand: no transformers needed)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": m.block_size,
+        "n_embd": m.n_embd,
+        "n_layer": m.n_layer,
+        "n_head": m.n_head,
+        "n_inner": _mlp_width(state),
+        "activation_function": "gelu_new",  # GELU, tanh approximation: F.gelu(x, approximate="tanh")
+        "layer_norm_epsilon": getattr(m, "norm_eps", LAYER_NORM_EPS),
+        "initializer_range": 0.02,
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def llama_config(m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int, eot_id: int) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU, full multi-head attention."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": m.n_embd,
+        "intermediate_size": _mlp_width(state),
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.n_head,  # every head has its own keys and values
+        "head_dim": m.n_embd // m.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.block_size,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": m.bias,
+        "mlp_bias": m.bias,
+        "attention_dropout": m.dropout,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def names_for(arch: str, m: ModelConfig) -> Names:
+    return gpt2_names(m.n_layer, m.tie_embeddings) if arch == "gpt2" else llama_names(m.n_layer, m.tie_embeddings, m.bias)
+
+
+def to_hf(arch: str, m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int,
+          eot_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json contents, safetensors tensors) of the model in the given architecture.
+
+    Fused tensors are split, GPT-2's Conv1D weights transposed, and biases GPT-2 needs but the model
+    lacks (model.bias=false) written as zeros. A tied head is left out, as `save_pretrained` does:
+    transformers ties it back on load."""
+    config = (gpt2_config if arch == "gpt2" else llama_config)(m, state, vocab_size, eot_id)
+    tensors: dict[str, torch.Tensor] = {}
+    for ours, theirs, conv in names_for(arch, m):
+        t = state.get(ours)
+        if t is None:  # model.bias=false exported as GPT-2: a zero bias as long as the layer's output
+            t = torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
+        for name, part in zip(theirs, t.chunk(len(theirs), dim=0)):
+            tensors[name] = (part.t() if conv else part).detach().float().contiguous().clone()
+    return config, tensors
+
+
+# ---------------------------------------------------------------- GPT-2 folder -> tinylm
+
+
+@dataclass
+class Pretrained:
+    """A Hugging Face checkpoint folder read into tinylm's terms."""
+
+    folder: Path
+    model: ModelConfig  # the folder's shape; block_size is its full context (n_positions)
+    vocab_size: int
+    state: dict[str, torch.Tensor]  # tinylm parameter names
+    tokenizer: TextTokenizer
+
+    def state_for(self, m: ModelConfig) -> dict[str, torch.Tensor]:
+        """The state dict for a model with config m: the position table cut to m.block_size."""
+        state = dict(self.state)
+        if "pos_emb.weight" in state:
+            state["pos_emb.weight"] = state["pos_emb.weight"][: m.block_size]
+        return state
+
+    def fit(self, m: ModelConfig) -> ModelConfig:
+        """m with the folder's architecture, keeping m's block_size (up to the folder's) and dropout."""
+        if m.block_size > self.model.block_size:
+            raise UserError(
+                f"model.block_size={m.block_size} exceeds the {self.model.block_size} positions of {self.folder}; "
+                f"use --model.block_size={self.model.block_size} or less"
+            )
+        return dataclasses.replace(self.model, block_size=m.block_size, dropout=m.dropout)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        if (folder / "model.safetensors").is_file():
+            return load_file(str(folder / "model.safetensors"))
+        if index.is_file():
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+        if (folder / "pytorch_model.bin").is_file():
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read the weights in {folder}: {str(e).strip().splitlines()[0]}") from None
+    raise UserError(f"{folder} holds no weights (model.safetensors or pytorch_model.bin)")
+
+
+def read_tokenizer(folder: Path) -> TextTokenizer:
+    """The folder's tokenizer: tokenizer.json, or GPT-2's vocab.json + merges.txt as byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            tok.add_special_tokens([EOT])  # already in GPT-2's vocabulary: this makes it never split
+        else:
+            raise UserError(f"{folder} holds no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read the tokenizer in {folder}: {str(e).strip().splitlines()[0]}") from None
+    if tok.token_to_id(EOT) is None:
+        raise UserError(f"the tokenizer in {folder} has no {EOT} token; only GPT-2-style tokenizers can be used")
+    return TextTokenizer(tok)
+
+
+def _check_gpt2(c: dict[str, Any], folder: Path) -> None:
+    """Refuse GPT-2 variants whose computation tinylm's blocks do not reproduce."""
+    def refuse(why: str) -> UserError:
+        return UserError(f"cannot import {folder}: {why}")
+
+    if c.get("model_type") != "gpt2":
+        raise refuse(f"model_type is {c.get('model_type')!r}; only GPT-2 checkpoints (model_type 'gpt2') can be imported")
+    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise refuse(f"activation_function is {c['activation_function']!r}; tinylm's MLP uses GELU's tanh form (gelu_new)")
+    if c.get("n_inner") not in (None, 4 * c["n_embd"]):
+        raise refuse(f"n_inner is {c['n_inner']}; tinylm's MLP is 4 x n_embd = {4 * c['n_embd']} wide")
+    if abs(c.get("layer_norm_epsilon", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-12:
+        raise refuse(f"layer_norm_epsilon is {c['layer_norm_epsilon']}; tinylm's LayerNorm uses {LAYER_NORM_EPS}")
+    if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
+        raise refuse("its attention scaling differs from 1/sqrt(head size)")
+    if c.get("add_cross_attention", False):
+        raise refuse("it has cross-attention (an encoder-decoder model)")
+
+
+def from_hf_state(tensors: dict[str, torch.Tensor], names: Names, folder: Path) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> tinylm state dict (split tensors joined, Conv1D weights transposed back)."""
+    # GPT2Model checkpoints (the original openai-community/gpt2 files) lack the "transformer." prefix.
+    named = {k if k.startswith(("transformer.", "lm_head.", "model.")) else f"transformer.{k}": v for k, v in tensors.items()}
+    state = {}
+    for ours, theirs, conv in names:
+        missing = [name for name in theirs if name not in named]
+        if missing:
+            raise UserError(f"cannot import {folder}: its weights have no tensor {missing[0]}")
+        t = torch.cat([named[name].t() if conv else named[name] for name in theirs], dim=0)
+        state[ours] = t.float().contiguous()
+    if "head.weight" not in state:  # tied: tinylm's state dict names the shared matrix twice
+        state["head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def read_pretrained(folder: str | Path) -> Pretrained:
+    """A GPT-2 checkpoint folder (as `save_pretrained` writes it) as a tinylm config, weights and tokenizer."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"pretrained model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json; pass a folder saved by transformers' save_pretrained")
+    c = _read_json(folder / "config.json")
+    _check_gpt2(c, folder)
+    tied = bool(c.get("tie_word_embeddings", True))
+    m = ModelConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["n_positions"],
+                    bias=True, dropout=0.0, tie_embeddings=tied)
+    state = from_hf_state(read_tensors(folder), gpt2_names(m.n_layer, tied), folder)
+    tok = read_tokenizer(folder)
+    vocab = c["vocab_size"]
+    if tok.vocab_size > vocab:
+        raise UserError(f"the tokenizer in {folder} has {tok.vocab_size} tokens but the model only {vocab}")
+    return Pretrained(folder, m, vocab, state, tok)
