@@ -49,8 +49,34 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
 
 
+LAUNCHED: list[Proc] = []
+
+
 def launch(work: Path, *args: str) -> Proc:
-    return Proc(list(args), work, launcher=TORCHRUN)
+    proc = Proc(list(args), work, launcher=TORCHRUN)
+    LAUNCHED.append(proc)
+    return proc
+
+
+def workers(proc: Proc) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started (Linux: read from /proc)."""
+    pids = Path(f"/proc/{proc.p.pid}/task/{proc.p.pid}/children").read_text().split()
+    ranks = {}
+    for pid in pids:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks[int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])] = int(pid)
+    return ranks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leftovers():
+    """A failed test leaves no torchrun behind: its workers (in sessions of their own) are killed too."""
+    yield
+    for proc in LAUNCHED:
+        if proc.p.poll() is None:
+            for pid in workers(proc).values():
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
 
 
 def max_differences(run: Path, reference: Path) -> tuple[float, float, float]:
@@ -137,13 +163,11 @@ def test_resume_across_a_change_in_the_number_of_processes(runs):
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step(runs):
     work = runs["work"]
+    # One evaluation batch for two processes: the second runs it too, uncounted (FSDP would need that).
     proc = launch(work, "--config", "tiny.yaml", "--run_dir", "stopped", "--train.max_steps=100000",
-                  "--train.eval_interval=5", "--train.sample_tokens=0")
+                  "--train.eval_interval=5", "--train.eval_batches=1", "--train.sample_tokens=0")
     proc.wait_for(r"^step 10: val loss")
-    torchrun = Path(f"/proc/{proc.p.pid}/task/{proc.p.pid}/children").read_text().split()
-    environ = {pid: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in torchrun}
-    (rank1,) = [int(pid) for pid, env in environ.items() if b"RANK=1" in env]
-    os.kill(rank1, signal.SIGTERM)  # rank 1 only: rank 0 learns of it from rank 1
+    os.kill(workers(proc)[1], signal.SIGTERM)  # rank 1 only: rank 0 learns of it from rank 1
     proc.finish()  # had the processes disagreed, rank 0 would wait forever in the next collective
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", proc.stdout).group(1))
     assert stopped >= 10 and checkpoint.load(work / "stopped" / checkpoint.CHECKPOINT)["step"] == stopped

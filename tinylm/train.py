@@ -128,15 +128,15 @@ def evaluate(model: torch.nn.Module, ids: np.ndarray, t: TrainConfig, block: int
     gen = torch.Generator().manual_seed(seed)
     starts = [batch_starts(len(ids), t.batch_size, block, gen) for _ in range(t.eval_batches)]
     mine = starts[d.rank :: d.world]
-    losses = []
+    total = torch.zeros((), device=device)
     for i in range(-(-t.eval_batches // d.world)):
         x, y = batch_windows(ids, mine[i] if i < len(mine) else starts[0], block, device)
         with autocast(device, dtype):
             _, loss = model(x, y)
         if i < len(mine):
-            losses.append(loss.float())
+            total += loss.float()
     model.train(was_training)
-    return (d.average(torch.stack(losses).sum()) * d.world / t.eval_batches).item()
+    return (d.average(total) * d.world / t.eval_batches).item()
 
 
 def dropout_seed(seed: int, step: int, micro: int) -> int:
