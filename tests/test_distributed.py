@@ -19,11 +19,11 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import markov_text, tiny_config
 from test_faults import Proc
+from test_resume import one_thread  # noqa: F401 (autouse: in-process runs use one CPU thread too)
 from tinylm import checkpoint, config as config_
 from tinylm.errors import UserError
 from tinylm.train import train
@@ -35,14 +35,6 @@ TOLERANCE = 1e-5  # float rounding: the processes add the same numbers in anothe
 
 def quiet(line: str) -> None:
     pass
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
