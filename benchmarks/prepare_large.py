@@ -105,20 +105,20 @@ from tinylm import data
 corpus, tokenizer, limit, work = sys.argv[1], sys.argv[2], int(float(sys.argv[3])), sys.argv[4]
 datasets.disable_progress_bars()
 tok = Tokenizer.from_file(tokenizer)
+size = 0
 def pieces():
-    done = 0
+    global size
     for text in data.read_text_file(corpus):
         for piece in data.chunks(text, data.PIECE_CHARS):
             yield {"text": piece}
-            done += len(piece)
-            if done >= limit:
+            size += len(piece)
+            if size >= limit:
                 return
 t = time.perf_counter()
 ds = datasets.Dataset.from_generator(pieces, cache_dir=work)
-size = sum(len(t) for t in ds["text"])
 ids = ds.map(lambda b: {"ids": [e.ids for e in tok.encode_batch_fast(b["text"], add_special_tokens=False)]},
              batched=True, batch_size=64, num_proc=os.cpu_count(), remove_columns=["text"])
-total = sum(len(i) for i in ids["ids"])
+total = sum(len(i) for batch in ids.iter(batch_size=1024) for i in batch["ids"])
 out = np.memmap(os.path.join(work, "ids.bin"), dtype=np.uint16, mode="w+", shape=(total,))
 at = 0
 for batch in ids.iter(batch_size=1024):
@@ -126,7 +126,9 @@ for batch in ids.iter(batch_size=1024):
     out[at : at + len(flat)] = flat
     at += len(flat)
 out.flush()
-print(json.dumps({"seconds": time.perf_counter() - t, "bytes": size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "bytes": size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_peak_rss_mb": children}))
 """
 
 
@@ -179,7 +181,7 @@ def main() -> None:
             shutil.rmtree(work / "datasets", ignore_errors=True)
             print(f"  datasets map(num_proc={os.cpu_count()}) on {mapped['bytes'] / 1e6:,.0f} MB: "
                   f"{mapped['bytes'] / 1e6 / mapped['seconds']:.2f} MB/s, peak RSS {mapped['peak_rss_mb']:.0f} MB "
-                  f"(main process), load {load()}", flush=True)
+                  f"(main process; its workers' {mapped['worker_peak_rss_mb']:.0f} MB), load {load()}", flush=True)
     print("\n".join(["", "summary:", *rows]))
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import random
+import re
 import signal
 import sys
 import time
@@ -426,6 +427,11 @@ def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int], pur
 
     import yaml
 
+    # TensorBoard reads a run's event files in name order, and a name starts with the second it was made
+    # in (then host, pid, a counter): a resumed run's file made in its predecessor's second could sort first.
+    made = [int(m.group(1)) for p in run_dir.glob("events.out.tfevents.*") if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", p.name))]
+    while made and time.time() < max(made) + 1:
+        time.sleep(0.05)
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
     writer.add_text("parameters", table)
     writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
