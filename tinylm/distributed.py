@@ -240,9 +240,14 @@ class Dist:
             dist.barrier(group=self.host_group)
 
     def close(self) -> None:
+        """Destroy the process group once nothing holds it any more: a gloo group still alive while Python
+        shuts down can abort the process ("terminate called without an active exception")."""
         if self.world > 1:
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()  # DDP's and FSDP's objects (in reference cycles) hold the group
             if dist.is_initialized():
                 dist.destroy_process_group()
 

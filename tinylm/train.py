@@ -193,6 +193,8 @@ def train(
     try:
         result = _train(cfg, d, run_dir, resume, out if d.main else distributed.quiet, name)
         d.barrier()  # leave together: torchrun stops the other processes as soon as one has ended
+        if d.world > 1:  # an FSDP model holds the process group, which must not outlive close()
+            result.pop("model", None)
         return result
     finally:
         d.close()
