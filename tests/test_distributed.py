@@ -111,7 +111,11 @@ def test_two_processes_write_one_run(runs):
     assert "512 tokens per step" in out
     assert re.findall(r"^step (\d+): val loss", out, re.M) == ["0", "4", "8"]
     files = sorted(p.name for p in (work / "two").iterdir())
-    assert [f for f in files if not f.startswith("events.")] == ["checkpoint.pt", "config.yaml", "data.json", "tokenizer.json"]
+    # Besides TensorBoard's files (events, and the embedding projector's step folder and config):
+    projector = ["projector_config.pbtxt", f"{STEPS:05d}"]
+    assert all(name in files for name in projector)
+    assert [f for f in files if not f.startswith("events.") and f not in projector] == [
+        "checkpoint.pt", "config.yaml", "data.json", "tokenizer.json"]
     assert len([f for f in files if f.startswith("events.")]) == 1  # one TensorBoard writer
     assert [s for s, _ in scalars(work / "two", "train/loss")] == list(range(1, STEPS + 1))
     assert "Traceback" not in proc.stderr
