@@ -36,6 +36,9 @@ def file_size_limited(limit: int, script_args: list[str]) -> list[str]:
     return ["-c", code, str(limit), *script_args]
 
 
+GPT2_WITH_BIASES = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+
+
 def tiny_config(tmp_path: Path, paths: list, **sections) -> Config:
     """A model and schedule small enough to train in seconds on a CPU."""
     cfg = Config()
@@ -61,14 +64,17 @@ def markov_file(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> dict:
-    """One short BPE training run, shared by the tests that only read its outputs."""
+    """One short BPE training run, shared by the tests that only read its outputs.
+
+    It is GPT-2 with biases and AdamW (the foundation's recipe, not today's default), so that the GPT-2
+    export and the weights-and-biases story have a run to read; the default recipe has tests of its own."""
     from tinylm.train import train
 
     tmp = tmp_path_factory.mktemp("trained")
     corpus = tmp / "corpus.txt"
     corpus.write_text(("The cat sat on the mat. The dog sat on the log.\n" * 400) + "A bird sang.\n" * 100)
-    cfg = tiny_config(tmp, [corpus], data={"tokenizer": "bpe", "vocab_size": 300},
-                      train={"max_steps": 100, "eval_interval": 50})
+    cfg = tiny_config(tmp, [corpus], data={"tokenizer": "bpe", "vocab_size": 300}, model=GPT2_WITH_BIASES,
+                      train={"max_steps": 100, "eval_interval": 50, "optimizer": "adamw"})
     result = train(cfg, run_dir=tmp / "runs" / "tiny", out=lambda s: None)
     result["cfg"] = cfg
     return result

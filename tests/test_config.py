@@ -57,6 +57,16 @@ def test_saved_config_round_trips(tmp_path):
         ({"data.vocab_size": 100}, "at least 257"),
         ({"data.val_fraction": 0}, "data.val_fraction"),
         ({"train.device": "tpu"}, "train.device"),
+        ({"model.pos": "alibi"}, "'model.pos' must be one of learned, rope"),
+        ({"model.norm": "batchnorm"}, "'model.norm' must be one of layernorm, rmsnorm"),
+        ({"model.mlp": "tanh"}, "'model.mlp' must be one of gelu, relu2, swiglu"),
+        ({"model.qk_norm": "sometimes"}, "'model.qk_norm' must be bool"),
+        ({"model.rope_theta": 0}, "'model.rope_theta' must be > 0"),
+        ({"model.norm_eps": -1e-5}, "'model.norm_eps' must be > 0"),
+        ({"model.mlp_hidden": -4}, "'model.mlp_hidden' must be >= 0"),
+        ({"model.pos": "rope", "model.n_embd": 12, "model.n_head": 4}, "model.pos=rope needs an even head size, got"),
+        ({"train.optimizer": "sgd"}, "'train.optimizer' must be one of adamw, muon"),
+        ({"train.muon_lr": 0}, "'train.muon_lr' must be > 0"),
     ],
 )
 def test_bad_values_fail_with_one_line(overrides, message):

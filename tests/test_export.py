@@ -212,7 +212,7 @@ def test_llama_style_model_exports_as_llama(tmp_path, extra):
 @pytest.mark.parametrize("model,reason", [
     ({"mlp": "relu2"}, "model.mlp=relu2 (ReLU squared) exists in neither"),
     ({**LLAMA, "qk_norm": True}, "model.qk_norm=true"),
-    ({"norm": "rmsnorm"}, "model.pos=learned, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
+    ({"pos": "learned", "norm": "rmsnorm", "mlp": "gelu"}, "model.pos=learned, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
     ({**LLAMA, "mlp": "gelu"}, "model.pos=rope, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
 ], ids=["relu2", "qk_norm", "learned+rmsnorm", "rope+gelu"])
 def test_what_neither_architecture_expresses_is_refused(model, reason):

@@ -1,21 +1,27 @@
+import pytest
 import torch
 
 from tinylm.config import ModelConfig
 from tinylm.generate import filter_logits, generate
 from tinylm.model import GPT
 
+POSITIONS = {"learned": {"pos": "learned", "norm": "layernorm", "mlp": "gelu"},
+             "rope": {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}}
 
-def model(block_size: int = 16) -> GPT:
+
+def model(block_size: int = 16, pos: str = "learned") -> GPT:
     torch.manual_seed(0)
-    m = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, tie_embeddings=False), vocab_size=40)
+    m = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, tie_embeddings=False, **POSITIONS[pos]),
+            vocab_size=40)
     # Random init gives near-uniform logits; scale the head so greedy choices are not near-ties.
     with torch.no_grad():
         m.head.weight.mul_(30)
     return m.eval()
 
 
-def test_kv_cache_generation_equals_no_cache_generation():
-    m = model()
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_kv_cache_generation_equals_no_cache_generation(pos):
+    m = model(pos=pos)
     prompt = [1, 2, 3]
     # 60 new tokens with a 16-token context: the window slides several times.
     greedy_cached = list(generate(m, prompt, 60, temperature=0))
@@ -28,10 +34,11 @@ def test_kv_cache_generation_equals_no_cache_generation():
     assert sampled[0] == sampled[1]
 
 
-def test_no_cache_reference_is_plain_cropped_forward():
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_no_cache_reference_is_plain_cropped_forward(pos):
     # Independent of generate(): while the text fits the context, greedy decoding is argmax of a
     # plain forward pass over everything so far.
-    m = model(block_size=32)
+    m = model(block_size=32, pos=pos)
     tokens = [5, 6, 7]
     for _ in range(20):
         logits, _ = m(torch.tensor([tokens]))
@@ -39,8 +46,9 @@ def test_no_cache_reference_is_plain_cropped_forward():
     assert list(generate(m, [5, 6, 7], 20, temperature=0)) == tokens[3:]
 
 
-def test_long_prompt_is_cropped_to_the_context():
-    m = model()
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_long_prompt_is_cropped_to_the_context(pos):
+    m = model(pos=pos)
     out = list(generate(m, list(range(30)), 5, temperature=0))
     assert out == list(generate(m, list(range(14, 30)), 5, temperature=0))
 

@@ -5,7 +5,24 @@ import torch
 
 from tinylm import checkpoint
 from tinylm.config import ModelConfig
-from tinylm.model import GPT, format_parameter_table, parameter_summary, parameter_table
+from tinylm.model import (GPT, apply_rope, describe_architecture, format_parameter_table, mlp_width,
+                          parameter_summary, parameter_table, rope_tables)
+
+GPT2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
+LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "bias": False}
+# Every architecture switch, on its own on top of GPT-2, and the Llama combination with and without biases.
+ARCHITECTURES = {
+    "gpt2": GPT2,
+    "rope": {**GPT2, "pos": "rope"},
+    "rmsnorm": {**GPT2, "norm": "rmsnorm"},
+    "swiglu": {**GPT2, "mlp": "swiglu"},
+    "relu2": {**GPT2, "mlp": "relu2"},
+    "qk_norm": {**GPT2, "qk_norm": True},
+    "untied": {**GPT2, "tie_embeddings": False},
+    "llama": LLAMA,
+    "llama+bias": {**LLAMA, "bias": True},
+    "llama+qk_norm": {**LLAMA, "qk_norm": True},
+}
 
 
 def small(**kw) -> ModelConfig:
@@ -32,7 +49,7 @@ def test_loss_at_initialisation_is_ln_vocab():
 
 def test_gpt2_small_parameter_count():
     with torch.device("meta"):
-        model = GPT(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True), vocab_size=50257)
+        model = GPT(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, **GPT2), vocab_size=50257)
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     assert parameter_summary(parameter_table(model))["total"] == 124_439_808
 
@@ -40,7 +57,7 @@ def test_gpt2_small_parameter_count():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameter_accounting_adds_up(bias, tied):
-    model = GPT(small(bias=bias, tie_embeddings=tied), vocab_size=50)
+    model = GPT(small(bias=bias, tie_embeddings=tied, **GPT2), vocab_size=50)
     rows = parameter_table(model)
     s = parameter_summary(rows)
     assert s["total"] == sum(p.numel() for p in model.parameters())
@@ -60,9 +77,10 @@ def test_tied_head_shares_the_embedding():
     assert model.head.weight is model.tok_emb.weight
 
 
-def test_cached_forward_matches_full_forward():
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_cached_forward_matches_full_forward(arch):
     torch.manual_seed(0)
-    model = GPT(small(), vocab_size=50).eval()
+    model = GPT(small(**ARCHITECTURES[arch]), vocab_size=50).eval()
     idx = torch.randint(50, (1, 12))
     full, _ = model(idx)
     cache = model.new_cache()
@@ -86,3 +104,118 @@ def test_checkpoint_save_load_gives_identical_logits(tmp_path):
     idx = torch.randint(50, (2, 16))
     assert torch.equal(model(idx)[0], clone(idx)[0])
     assert clone.head.weight is clone.tok_emb.weight  # still tied after loading
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_every_architecture_learns(arch):
+    # A few AdamW steps on one fixed batch: any wiring mistake (a switch that breaks the gradient path
+    # or the causal mask) shows up as a loss that does not fall.
+    torch.manual_seed(0)
+    model = GPT(small(**ARCHITECTURES[arch]), vocab_size=50)
+    x, y = torch.randint(50, (4, 16)), torch.randint(50, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0 and math.isfinite(losses[-1])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_parameter_count_matches_hand_count(arch):
+    c = small(**ARCHITECTURES[arch])
+    C, V, hs, L = c.n_embd, 50, c.n_embd // c.n_head, c.n_layer
+    hidden = mlp_width(c)
+    mlp = (3 if c.mlp == "swiglu" else 2) * C * hidden + (hidden * (2 if c.mlp == "swiglu" else 1) + C if c.bias else 0)
+    attn = 4 * C * C + (4 * C if c.bias else 0) + (2 * hs if c.qk_norm else 0)
+    norm = C + (C if c.bias and c.norm == "layernorm" else 0)  # a gain, and a bias for LayerNorm with biases
+    expected = L * (attn + mlp + 2 * norm) + norm + V * C + (0 if c.tie_embeddings else V * C)
+    expected += c.block_size * C if c.pos == "learned" else 0
+    model = GPT(c, vocab_size=V)
+    s = parameter_summary(parameter_table(model))
+    assert s["total"] == sum(p.numel() for p in model.parameters()) == expected
+    assert s["biases"] == (0 if not c.bias else L * (4 * C + hidden * (2 if c.mlp == "swiglu" else 1) + C
+                                                     + (2 * C if c.norm == "layernorm" else 0)) + (C if c.norm == "layernorm" else 0))
+
+
+def test_swiglu_width_keeps_the_mlp_about_the_same_size():
+    for n_embd in (128, 256, 384, 768):
+        c = ModelConfig(n_embd=n_embd, n_head=4, mlp="swiglu")
+        assert mlp_width(c) % 64 == 0 and abs(3 * mlp_width(c) - 8 * n_embd) <= 3 * 64
+    assert mlp_width(ModelConfig(n_embd=384, n_head=6, mlp="swiglu")) == 1024
+    assert mlp_width(ModelConfig(n_embd=384, n_head=6, mlp="gelu")) == 1536
+    assert mlp_width(ModelConfig(n_embd=384, n_head=6, mlp="swiglu", mlp_hidden=100)) == 100
+
+
+def test_rope_rotates_pairs_by_position_times_frequency():
+    # By hand for head size 4, theta 100: frequencies 1 and 1/10; channel pairs (0, 2) and (1, 3).
+    cos, sin = rope_tables(4, 3, 100.0)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    for pos in range(3):
+        out = apply_rope(x, cos[pos], sin[pos])
+        for i, f in enumerate((1.0, 0.1)):
+            a, b = x[i].item(), x[i + 2].item()
+            c, s_ = math.cos(pos * f), math.sin(pos * f)
+            assert out[i].item() == pytest.approx(a * c - b * s_, abs=1e-6)
+            assert out[i + 2].item() == pytest.approx(b * c + a * s_, abs=1e-6)
+
+
+def test_rope_scores_depend_only_on_distance():
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 64, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    score = lambda m, n: (apply_rope(q, cos[m], sin[m]) @ apply_rope(k, cos[n], sin[n])).item()  # noqa: E731
+    assert score(10, 3) == pytest.approx(score(57, 50), abs=1e-5)
+    assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_options_equal_hugging_face_llama(bias):
+    # The rope/rmsnorm/swiglu model is Hugging Face's LlamaForCausalLM with the weights renamed
+    # (qkv split into q/k/v, mlp.fc into gate/up): same logits, which is what an export relies on.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = small(**{**LLAMA, "bias": bias}, norm_eps=1e-6, rope_theta=500.0, tie_embeddings=False)
+    ours = GPT(cfg, vocab_size=50).eval()
+    with torch.no_grad():  # non-trivial gains and biases, so a mix-up would show
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
+    C, H = cfg.n_embd, mlp_width(cfg)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=C, intermediate_size=H, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attention_bias=bias, mlp_bias=bias,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    sd = ours.state_dict()
+    mapped = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"],
+              "lm_head.weight": sd["head.weight"]}
+    for i in range(cfg.n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        mapped[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
+        mapped[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
+        for kind in ("weight", "bias") if bias else ("weight",):
+            q, k, v = sd[b + f"attn.qkv.{kind}"].split(C)
+            gate, up = sd[b + f"mlp.fc.{kind}"].split(H)
+            mapped.update({h + f"self_attn.q_proj.{kind}": q, h + f"self_attn.k_proj.{kind}": k,
+                           h + f"self_attn.v_proj.{kind}": v, h + f"self_attn.o_proj.{kind}": sd[b + f"attn.proj.{kind}"],
+                           h + f"mlp.gate_proj.{kind}": gate, h + f"mlp.up_proj.{kind}": up,
+                           h + f"mlp.down_proj.{kind}": sd[b + f"mlp.proj.{kind}"]})
+    missing, unexpected = hf.load_state_dict(mapped, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    idx = torch.randint(50, (2, 16))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+    assert torch.allclose(ours(idx)[0], theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_architecture_line_says_whether_there_are_biases():
+    assert "no biases: model.bias=false" in describe_architecture(small(**LLAMA))
+    line = describe_architecture(small(**GPT2, bias=True))
+    assert "with biases: model.bias=true" in line and "learned positions" in line and "GELU" in line
+    assert "rotary positions (theta 10000)" in describe_architecture(small(**LLAMA))

@@ -53,6 +53,10 @@ def test_resume_is_bit_identical(tmp_path, markov_file):
     assert first["interrupted"] and first["signal"] == signal.SIGINT and first["step"] == 10
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
     lines: list[str] = []
+    # TensorBoard reads a folder's event files in name order: whole seconds, then a per-process counter
+    # compared as text (".10" before ".9"), so a resume within the same second can sort first: start the
+    # resumed run in the next second, as any real resume is.
+    time.sleep(max(0.0, 1.05 - time.time() % 1.0))
     resumed = train(cfg, run_dir=tmp_path / "split", resume=True, out=lines.append)
     assert "resume: train.eval_interval: 5 -> 8" in lines and "resumed " + str(tmp_path / "split") + " at step 10" in lines
 

@@ -62,8 +62,10 @@ def test_learning_rate_schedule():
 
 
 def test_weight_decay_only_on_matrices():
-    model = GPT(tiny_config(__import__("pathlib").Path("."), []).model, vocab_size=20)
-    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    gpt2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+    model = GPT(tiny_config(__import__("pathlib").Path("."), [], model=gpt2).model, vocab_size=20)
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
     decay, plain = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
@@ -97,3 +99,18 @@ def test_text_shorter_than_one_window_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, [p], data={"tokenizer": "char"})
     with pytest.raises(UserError, match="fewer than one training window"):
         train(cfg, run_dir=tmp_path / "run", out=lambda s: None)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_log_says_plainly_whether_there_are_biases_and_they_train(tmp_path, markov_file, bias):
+    lines: list[str] = []
+    cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, model={"bias": bias},
+                      train={"max_steps": 20, "eval_interval": 20, "sample_tokens": 0, "optimizer": "muon"})
+    result = train(cfg, run_dir=tmp_path / "run", out=lines.append)
+    log = "\n".join(lines)
+    assert ("with biases: model.bias=true" in log) == bias
+    assert ("no biases: model.bias=false" in log) == (not bias)
+    assert "Muon: " in log and "block matrices" in log
+    biases = {n: p for n, p in result["model"].named_parameters() if n.endswith(".bias")}
+    assert bool(biases) == bias
+    assert all(p.abs().sum() > 0 for p in biases.values())  # started at zero: the optimizer moved them

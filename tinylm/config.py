@@ -28,9 +28,18 @@ class ModelConfig:
     n_head: int = 4  # attention heads per block
     n_embd: int = 256  # width of every token vector (the "embedding size")
     block_size: int = 128  # context length: how many tokens the model sees at once
-    bias: bool = True  # biases in Linear and LayerNorm layers (the "b" in y = w*x + b)
+    bias: bool = False  # biases in Linear and LayerNorm layers (the "b" in y = w*x + b); off: faster, as good
     dropout: float = 0.0
     tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2 does)
+    # Architecture switches. GPT-2 is learned/layernorm/gelu with biases; Llama (the default) is
+    # rope/rmsnorm/swiglu without biases. benchmarks/ measures each.
+    pos: str = "rope"  # "learned" position embeddings (GPT-2) or "rope" (rotary, as in Llama)
+    rope_theta: float = 10000.0  # RoPE base: the slowest rotation's period grows with it
+    norm: str = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama: no mean subtraction, no bias)
+    norm_eps: float = 1e-5  # added to the variance inside every norm
+    mlp: str = "swiglu"  # "gelu" (GPT-2), "relu2" (ReLU squared) or "swiglu" (Llama's gated SiLU)
+    mlp_hidden: int = 0  # MLP width; 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to 64 (same size)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2)
 
 
 @dataclass
@@ -50,8 +59,8 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (in each process)
     grad_accum: int = 1  # micro-batches per optimizer step, shared among the processes (a multiple of their number)
-    lr: float = 2e-3  # peak learning rate (eta in w_new = w - eta * dL/dw)
-    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
+    lr: float = 3e-3  # peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100
     weight_decay: float = 0.1  # applied to weight matrices only, never to biases or norm gains
     beta1: float = 0.9
@@ -67,6 +76,8 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 autocast where the hardware has fast bf16, else float32
     compile: bool = False  # torch.compile the model
+    optimizer: str = "muon"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as lr)
     max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
     strategy: str = "ddp"  # with several processes (torchrun): ddp (whole model in each) or fsdp (sharded)
     init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
@@ -175,6 +186,14 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if not 0 <= m.dropout < 1:
         raise UserError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    _choice("model.pos", m.pos, ("learned", "rope"))
+    _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
+    _choice("model.mlp", m.mlp, ("gelu", "relu2", "swiglu"))
+    positive("model.rope_theta", m.rope_theta)
+    positive("model.norm_eps", m.norm_eps)
+    non_negative("model.mlp_hidden", m.mlp_hidden)
+    if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
+        raise UserError(f"model.pos=rope needs an even head size, got n_embd/n_head = {m.n_embd // m.n_head}")
 
     _choice("data.tokenizer", d.tokenizer, ("bpe", "char"))
     _choice("data.errors", d.errors, ("strict", "replace"))
@@ -203,6 +222,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
     _choice("train.strategy", t.strategy, ("ddp", "fsdp"))
+    _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
+    positive("train.muon_lr", t.muon_lr)
     return cfg
 
 

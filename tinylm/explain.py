@@ -433,7 +433,8 @@ def section_step(report: StepReport, how: str, out: Callable[[str], None]) -> No
     b1, b2 = r.betas
     out(f"4. ONE REAL TRAINING STEP: {how}")
     out(f"  loss on this batch: {r.loss_before:.4f} before the step, {r.loss_after:.4f} after it")
-    out("  The primer's rule is w <- w - lr*g. AdamW, tinylm's default optimizer, divides a running average of the gradient")
+    out("  The primer's rule is w <- w - lr*g. AdamW (tinylm's optimizer for embeddings, gains and biases; by default Muon")
+    out("  moves the blocks' weight matrices, see tinylm/optim.py) divides a running average of the gradient")
     out(f"  (m <- {b1:g} m + {1 - b1:.2g} g) by a running average of its size (v <- {b2:g} v + {1 - b2:.2g} g^2), so every"
         " number moves")
     out("  by about lr whatever its gradient's scale, and it pulls weights (not biases) towards 0 by lr*wd*w:")

@@ -3,9 +3,15 @@
 `generate` yields token ids as they are chosen, so a caller can print them while the model works.
 With the cache each new token runs the model on that one token only. The model sees at most
 `block_size` tokens; when the window is full it keeps the most recent half and recomputes their
-keys and values once (learned positions give each slot a fixed position, so old keys cannot simply
-be shifted), which keeps the average cost per token flat however long the output grows. Without the
-cache (`use_cache=False`) every step re-runs the model on the same window: slower, same tokens.
+keys and values once, which keeps the average cost per token flat however long the output grows.
+Without the cache (`use_cache=False`) every step re-runs the model on the same window: slower, same
+tokens, for every position scheme.
+
+Why recompute rather than keep rolling the cache? With learned positions each slot has a fixed
+position, so old keys cannot be shifted. With rotary positions attention depends only on distances,
+so old keys could stay, but the result would no longer be the model run on the window: from the
+second layer on, a cached key was computed from tokens that have since left the window, and a rolling
+cache silently becomes sliding-window attention. Recomputing keeps both paths the same model.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: flo
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: GPT,
     prompt: list[int],

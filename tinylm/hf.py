@@ -325,7 +325,8 @@ def read_pretrained(folder: str | Path) -> Pretrained:
     _check_gpt2(c, folder)
     tied = bool(c.get("tie_word_embeddings", True))
     m = ModelConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["n_positions"],
-                    bias=True, dropout=0.0, tie_embeddings=tied)
+                    bias=True, dropout=0.0, tie_embeddings=tied, pos="learned", norm="layernorm", mlp="gelu",
+                    norm_eps=c.get("layer_norm_epsilon", LAYER_NORM_EPS), qk_norm=False)
     state = from_hf_state(read_tensors(folder), gpt2_names(m.n_layer, tied), folder)
     tok = read_tokenizer(folder)
     vocab = c["vocab_size"]

@@ -1,9 +1,18 @@
 """The language model: token ids -> embeddings -> transformer blocks -> logits -> next-token loss.
 
-A GPT-2 style decoder: token embedding plus learned position embedding, `n_layer` pre-norm blocks of
-causal self-attention and an MLP, a final LayerNorm, and an output head that by default shares the
-token embedding matrix. Everything learnable is a weight or a bias, exactly as in the one-neuron
-y = w*x + b: `parameter_table` lists every tensor and says which it is.
+A decoder-only transformer: token embedding, `n_layer` pre-norm blocks of causal self-attention and
+an MLP, a final norm, and an output head that by default shares the token embedding matrix.
+Everything learnable is a weight or a bias, exactly as in the one-neuron y = w*x + b:
+`parameter_table` lists every tensor and says which it is.
+
+Config switches choose between the two families this file implements:
+
+    GPT-2 (nanoGPT):  pos=learned  norm=layernorm  mlp=gelu    bias=true
+    Llama:            pos=rope     norm=rmsnorm    mlp=swiglu  bias=false
+
+The Llama options follow Hugging Face's `LlamaForCausalLM` exactly (RoPE with `rotate_half`, RMSNorm
+with an eps, SwiGLU = down(silu(gate(x)) * up(x))), so such a model can be exported as one: `qkv` holds
+q_proj, k_proj, v_proj stacked by rows, and `mlp.fc` holds gate_proj then up_proj.
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size, V vocab.
 """
@@ -40,6 +49,35 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """LayerNorm (subtract the mean, divide by the spread, then gain and bias) or RMSNorm (divide by the
+    root mean square, then gain: no mean, no bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, each (length, hs), in Hugging Face's layout:
+    frequency i = theta^(-2i/hs) for i < hs/2, repeated for the second half of the head."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # float64: exact angles
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels (i, i + hs/2) by each position's angles: a query and a key then meet
+    with a dot product that depends only on how far apart they are."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
 class CausalSelfAttention(nn.Module):
     """Each token mixes in the value vectors of earlier tokens, weighted by query-key similarity."""
 
@@ -48,20 +86,32 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # heads back into the residual stream
+        hs = cfg.n_embd // cfg.n_head
+        self.q_norm = nn.RMSNorm(hs, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(hs, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys are normed and rotated together
+        if self.q_norm is not None:  # in float32 (under autocast q and k arrive as bfloat16), as Qwen3 does
+            q, k = qk.unbind(2)
+            qk = torch.stack((self.q_norm(q.float()), self.k_norm(k.float())), dim=2).type_as(qk)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         mask, causal = None, True
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
             if past:  # new queries see every cached key and the new keys up to their own position
                 causal = False
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                if T > 1:  # (a single new token sees everything: no mask needed)
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
@@ -69,18 +119,41 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+def mlp_width(cfg: ModelConfig) -> int:
+    """The MLP's hidden width: 4C, or for SwiGLU (three matrices instead of two) 8C/3 rounded up to a
+    multiple of 64, which keeps the parameter count about the same."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+    return 4 * cfg.n_embd
+
+
 class MLP(nn.Module):
-    """Per-token feed-forward network: widen 4x, GELU (GPT-2's tanh form), project back."""
+    """Per-token feed-forward network: widen, a nonlinearity, project back.
+
+    gelu: GPT-2's tanh-GELU. relu2: ReLU squared. swiglu: silu(gate) * up, where `fc` computes gate and
+    up in one matmul (its rows are gate_proj then up_proj in Hugging Face's naming).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.act = nn.GELU(approximate="tanh")
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        hidden = mlp_width(cfg)
+        self.fc = nn.Linear(cfg.n_embd, (2 if cfg.mlp == "swiglu" else 1) * hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
@@ -88,13 +161,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -104,10 +178,15 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)  # token id -> vector: the seed's "cat" -> [0.25, -0.1, ...]
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)  # position 0..block_size-1 -> vector
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)  # position 0..block_size-1 -> vector
+        else:  # rotary: positions rotate queries and keys inside attention; nothing to learn
+            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never saved
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm_f = make_norm(cfg, cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)  # vector -> one score (logit) per token
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # reading and writing tokens share one matrix (GPT-2)
@@ -133,10 +212,16 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            # (T, 1, 1, hs) each: one angle per position and channel, the same for queries, keys and heads
+            rope = self.rope_cos[start : start + T, None, None], self.rope_sin[start : start + T, None, None]
+        x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, rope, cache, i)
         if cache is not None:
             cache.length += T
         logits = self.head(self.norm_f(x))  # (B, T, V)
@@ -150,6 +235,22 @@ class GPT(nn.Module):
         p = self.head.weight
         hs = self.cfg.n_embd // self.cfg.n_head
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.cfg.block_size, hs, p.device, p.dtype)
+
+
+def describe_architecture(cfg: ModelConfig) -> str:
+    """One line naming the architecture switches, saying plainly whether the model has biases."""
+    parts = [
+        "learned positions" if cfg.pos == "learned" else f"rotary positions (theta {cfg.rope_theta:g})",
+        "LayerNorm" if cfg.norm == "layernorm" else "RMSNorm",
+        {"gelu": "GELU", "relu2": "ReLU-squared", "swiglu": "SwiGLU"}[cfg.mlp] + f" MLP ({mlp_width(cfg)} wide)",
+        *(["QK-norm"] if cfg.qk_norm else []),
+        "head tied to the token embedding" if cfg.tie_embeddings else "untied head",
+    ]
+    if cfg.bias:
+        bias = "with biases: model.bias=true" + (" (RMSNorm itself has none)" if cfg.norm == "rmsnorm" else "")
+    else:
+        bias = "no biases: model.bias=false, every layer computes y = w*x (model.bias=true adds the b back)"
+    return f"architecture: {', '.join(parts)}; {bias}"
 
 
 # ---------------------------------------------------------------- parameter accounting

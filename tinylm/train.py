@@ -39,7 +39,8 @@ from tinylm.config import Config, TrainConfig
 from tinylm.data import Prepared, batch_starts, batch_windows, check_window, fingerprint, prepare
 from tinylm.errors import UserError
 from tinylm.generate import generate
-from tinylm.model import GPT, format_parameter_table, parameter_summary, parameter_table
+from tinylm.model import GPT, describe_architecture, format_parameter_table, parameter_summary, parameter_table
+from tinylm.optim import Muon
 
 # ---------------------------------------------------------------- hardware
 
@@ -108,13 +109,43 @@ def progress(step: int, elapsed: float, t: TrainConfig) -> float:
     return max(step / t.max_steps, by_time)
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings (2-D tensors) only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def make_optimizer(
+    model: torch.nn.Module, t: TrainConfig, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings (2-D tensors) only.
+
+    With train.optimizer=muon the blocks' weight matrices (attention and MLP) move by Muon instead
+    (tinylm.optim), at peak rate train.muon_lr and in `dtype`'s precision where that is bfloat16;
+    embeddings, the output head, biases and norm gains stay with AdamW. Param groups: [0] decayed by
+    AdamW, [1] not decayed, [2] Muon.
+    """
+    named = list(model.named_parameters())
+    muon = [p for n, p in named if t.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    taken = {id(p) for p in muon}
+    decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
+    no_decay = [p for _, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+    fused = device.type in ("cuda", "cpu")  # one kernel for all tensors: fewer passes over memory
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+    groups.append({"params": muon, "muon": True, "weight_decay": t.weight_decay, "lr_scale": t.muon_lr / t.lr})
+    return Muon(groups, lr=t.lr, betas=(t.beta1, t.beta2), ns_dtype=dtype or torch.float32, fused=fused)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer, t: TrainConfig) -> str:
+    """One line per optimizer part: which tensors are decayed, which are not, which Muon moves."""
+    count = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+    decayed = "embeddings" if len(count) > 2 else "matrices, embeddings"
+    lines = [
+        f"AdamW: weight decay {t.weight_decay} on {count[0]:,} weights ({decayed}); "
+        f"none on {count[1]:,} biases and norm gains"
+    ]
+    if len(count) > 2:
+        lines.append(
+            f"Muon: {count[2]:,} weights in {len(optimizer.param_groups[2]['params'])} block matrices "
+            f"(attention, MLP), peak lr {t.muon_lr}, weight decay {t.weight_decay}"
+        )
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -254,14 +285,10 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
     summary = parameter_summary(rows)
     table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
     out(table)
+    out(describe_architecture(m))
     model = d.place(model)  # on the device; with FSDP only this process's shard
-    optimizer = make_optimizer(model, t, device)
-    n_decay = sum(p.numel() for p in optimizer.param_groups[0]["params"])
-    n_plain = sum(p.numel() for p in optimizer.param_groups[1]["params"])
-    out(
-        f"AdamW: weight decay {t.weight_decay} on {n_decay:,} weights (matrices, embeddings); "
-        f"none on {n_plain:,} biases and norm gains"
-    )
+    optimizer = make_optimizer(model, t, device, dtype)
+    out(describe_optimizer(optimizer, t))
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
     batch_gen = torch.Generator().manual_seed(t.seed)  # the data-sampling position, saved in checkpoints
     if state is not None:

@@ -1,0 +1,1 @@
+"""Benchmarks for tinylm: `python -m benchmarks.run --help`."""

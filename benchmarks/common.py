@@ -1,0 +1,162 @@
+"""What every benchmark shares: the two recipes, the machine's matrix peak, FLOP counts, a trainer
+stepped exactly like `tinylm.train`'s loop, and the loss over the whole validation split.
+
+Nothing here prints; `benchmarks/run.py` runs the benchmarks and prints their table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinylm import config as config_
+from tinylm.config import Config
+from tinylm.data import Prepared, get_batch, prepare
+from tinylm.model import GPT, mlp_width
+from tinylm.train import autocast, autocast_dtype, learning_rate, make_optimizer, pick_device, progress
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+RECIPES = ("baseline", "tuned")
+# The issue's two fixed shapes: (n_layer, n_head, n_embd, block_size, batch_size).
+SHAPES = {"tiny": (4, 4, 128, 64, 12), "6L": (6, 6, 384, 256, 16)}
+
+
+def recipe(name: str, corpus: Path, cache_dir: str, overrides: dict[str, Any] | None = None) -> Config:
+    """'baseline' is configs/baseline.yaml (nanoGPT's CPU recipe); 'tuned' is tinylm's defaults.
+
+    Both read `corpus` as characters, like nanoGPT's shakespeare_char; `overrides` are
+    {"section.field": value} on top (a shape, a budget, one lever).
+    """
+    path = REPO / "configs" / "baseline.yaml" if name == "baseline" else None
+    cfg = config_.load(path)
+    config_.apply(cfg, {"data.paths": [str(corpus)], "data.tokenizer": "char", "data.cache_dir": cache_dir})
+    config_.apply(cfg, overrides or {})
+    return config_.validate(cfg)
+
+
+def shape_overrides(shape: str) -> dict[str, Any]:
+    n_layer, n_head, n_embd, block, batch = SHAPES[shape]
+    return {"model.n_layer": n_layer, "model.n_head": n_head, "model.n_embd": n_embd,
+            "model.block_size": block, "train.batch_size": batch, "train.grad_accum": 1}
+
+
+def data(cfg: Config) -> Prepared:
+    return prepare(cfg.data)
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Best FLOP/s of large square matrix products in `dtype`: this machine's practical ceiling."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        sync(device)
+        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_token(cfg: Config, vocab_size: int) -> float:
+    """Training FLOPs per token, the usual way (PaLM appendix B, nanoGPT's estimate_mfu): 6 per weight of
+    every matrix product (forward 2, backward 4), the output head included, plus the attention scores
+    and their weighted sum, 12 * n_layer * n_embd * block_size (causal masking not discounted)."""
+    m = cfg.model
+    hidden = mlp_width(m)
+    per_block = 4 * m.n_embd**2 + (3 if m.mlp == "swiglu" else 2) * m.n_embd * hidden
+    weights = m.n_layer * per_block + vocab_size * m.n_embd
+    return 6 * weights + 12 * m.n_layer * m.n_embd * m.block_size
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class Trainer:
+    """A recipe's model, optimizer and batches; `step` does what one iteration of tinylm.train does.
+
+    `foreach_adamw=True` swaps in torch's default (multi-tensor, unfused) AdamW: what nanoGPT uses on a
+    CPU, for the baseline and to measure the fused optimizer as a lever.
+    """
+
+    cfg: Config
+    prep: Prepared
+    foreach_adamw: bool = False
+    device: torch.device = field(init=False)
+    steps: int = 0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        t, m = self.cfg.train, self.cfg.model
+        self.device = pick_device(t.device)
+        self.dtype = autocast_dtype(t.dtype, self.device)
+        torch.manual_seed(t.seed)
+        self.model = GPT(m, self.prep.tokenizer.vocab_size).to(self.device)
+        self.optimizer = make_optimizer(self.model, t, self.device, self.dtype)
+        if self.foreach_adamw and t.optimizer == "adamw":
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in self.optimizer.param_groups]
+            self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+        self.fwd = torch.compile(self.model) if t.compile else self.model
+        self.batch_gen = torch.Generator().manual_seed(t.seed)
+        self.tokens_per_step = t.batch_size * t.grad_accum * m.block_size
+
+    def step(self, lr: float) -> torch.Tensor:
+        t, m = self.cfg.train, self.cfg.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(t.grad_accum):
+            x, y = get_batch(self.prep.train, t.batch_size, m.block_size, self.batch_gen, self.device)
+            with autocast(self.device, self.dtype):
+                _, loss = self.fwd(x, y)
+            (loss / t.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.tokens += self.tokens_per_step
+        return loss
+
+    def lr_at(self, elapsed: float) -> float:
+        t = self.cfg.train
+        return learning_rate(self.steps, progress(self.steps, elapsed, t), t)
+
+
+@torch.no_grad()
+def full_val_loss(trainer: Trainer, batch: int = 32) -> float:
+    """Mean next-token loss over the whole validation split, cut into windows of block_size tokens."""
+    model, block, ids = trainer.model, trainer.cfg.model.block_size, trainer.prep.val
+    n = (len(ids) - 1) // block
+    starts = np.arange(n) * block
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, n, batch):
+        windows = np.stack([ids[s : s + block + 1] for s in starts[i : i + batch]]).astype(np.int64)
+        w = torch.from_numpy(windows).to(trainer.device)
+        with autocast(trainer.device, trainer.dtype):
+            _, loss = model(w[:, :-1], w[:, 1:])
+        total += loss.item() * len(w)
+    model.train(was_training)
+    return total / n
+
+
+def fmt_seconds(s: float | None) -> str:
+    return "not reached" if s is None or not math.isfinite(s) else f"{s:.1f} s"

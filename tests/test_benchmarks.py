@@ -1,0 +1,55 @@
+"""The benchmark harness measures what it says (its figures are printed, never asserted here)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from benchmarks.common import Trainer, flops_per_token, full_val_loss, recipe
+from conftest import ROOT, markov_text
+
+
+def test_flops_per_token_by_hand(tmp_path):
+    (tmp_path / "c.txt").write_text(markov_text(5000))
+    cfg = recipe("baseline", tmp_path / "c.txt", str(tmp_path / "cache"))  # 4 layers, 128 wide, context 64, GELU
+    # per block: qkv 3C^2 + proj C^2 + fc 4C^2 + proj 4C^2 = 12 C^2; head V*C; attention 12 * L * C * T
+    assert flops_per_token(cfg, 65) == 6 * (4 * 12 * 128**2 + 65 * 128) + 12 * 4 * 128 * 64
+    cfg.model.mlp = "swiglu"  # 3 matrices of 384 (8/3 * 128 rounded up to 64)
+    assert flops_per_token(cfg, 65) == 6 * (4 * (4 * 128**2 + 3 * 128 * 384) + 65 * 128) + 12 * 4 * 128 * 64
+
+
+def test_full_validation_loss_covers_every_window(tmp_path):
+    (tmp_path / "c.txt").write_text(markov_text(20_000))
+    cfg = recipe("tuned", tmp_path / "c.txt", str(tmp_path / "cache"),
+                 {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16, "train.device": "cpu"})
+    from tinylm.data import prepare
+
+    tr = Trainer(cfg, prepare(cfg.data))
+    ids = torch.from_numpy(tr.prep.val.astype("int64"))
+    n = (len(ids) - 1) // 16
+    with torch.no_grad():
+        tr.model.eval()
+        losses = [tr.model(ids[i * 16 : i * 16 + 16][None], ids[i * 16 + 1 : i * 16 + 17][None])[1].item() for i in range(n)]
+    assert math.isclose(full_val_loss(tr, batch=7), sum(losses) / n, rel_tol=1e-4)
+
+
+def test_run_prints_the_table_and_writes_json(tmp_path):
+    (tmp_path / "c.txt").write_text(markov_text(20_000))
+    out = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "benchmarks.run", "--corpus", str(tmp_path / "c.txt"), "--suites", "loss",
+            "--budgets", "1", "--evals", "2", "--cache_dir", str(tmp_path / "cache"), "--out", str(out)]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "seconds to 1.886" in done.stdout and "best in 1 s" in done.stdout
+    results = json.loads(out.read_text())
+    runs = results["loss"]
+    assert set(runs) == {"1/baseline", "1/tuned"}
+    for r in runs.values():
+        assert r["steps"] > 0 and len(r["curve"]) >= 2 and r["best_val"] == min(v for _, v in r["curve"])
+    assert results["recipes"]["baseline"]["model"]["pos"] == "learned"
+    bad = subprocess.run([*args[:3], "--corpus", str(tmp_path / "missing.txt")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "corpus not found" in bad.stderr

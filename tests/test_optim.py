@@ -1,0 +1,115 @@
+"""Muon and its AdamW half, against independent references: an SVD and torch.optim.AdamW."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from tinylm.config import TrainConfig
+from tinylm.model import GPT
+from tinylm.optim import Muon, orthogonalize
+from tinylm.train import make_optimizer
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_newton_schulz_gives_near_orthogonal_matrix_with_the_same_singular_vectors(shape):
+    torch.manual_seed(0)
+    g = torch.randn(shape) * 3.0
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    o = orthogonalize(g, dtype=torch.float32)
+    # o = U f(S) V^T: in G's singular basis it is diagonal, with every entry pulled close to 1.
+    d = u.T @ o @ vh.T
+    off = d - torch.diag(torch.diagonal(d))
+    assert off.abs().max() < 1e-4
+    assert torch.diagonal(d).min() > 0.6 and torch.diagonal(d).max() < 1.2
+    exact = u @ vh  # the exact orthogonalisation
+    assert torch.nn.functional.cosine_similarity(o.flatten(), exact.flatten(), dim=0) > 0.97
+    # bfloat16 (the fast path) gives nearly the same matrix; a batch gives each matrix's own result.
+    assert torch.allclose(orthogonalize(g).float(), o, atol=0.05)
+    batch = orthogonalize(torch.stack([g, 2 * g.flip(0)]), dtype=torch.float32)
+    assert torch.allclose(batch[0], o, atol=1e-5) and torch.allclose(batch[1], orthogonalize(2 * g.flip(0), dtype=torch.float32), atol=1e-5)
+
+
+def test_adamw_groups_step_exactly_like_torch_adamw():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    ours = Muon([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                lr=0.01, betas=(0.9, 0.99))
+    ref = torch.optim.AdamW([{"params": twins[:1], "weight_decay": 0.1}, {"params": twins[1:], "weight_decay": 0.0}],
+                            lr=0.01, betas=(0.9, 0.99))
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for opt, ps in ((ours, params), (ref, twins)):
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * (step + 1)  # as the training loop's schedule does
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q in zip(params, twins):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_muon_step_is_orthogonalised_nesterov_momentum():
+    torch.manual_seed(0)
+    w = torch.randn(48, 16, requires_grad=True)  # tall: scaled by sqrt(48 / 16)
+    start = w.detach().clone()
+    opt = Muon([{"params": [w], "muon": True, "lr_scale": 10.0, "weight_decay": 0.5}], lr=0.01, momentum=0.9,
+               ns_dtype=torch.float32)
+    g1, g2 = torch.randn(48, 16), torch.randn(48, 16)
+    w.grad = g1.clone()
+    opt.step()
+    after_one = start * (1 - 0.01 * 0.5) - 0.01 * 10.0 * 3**0.5 * orthogonalize(g1, dtype=torch.float32)
+    assert torch.allclose(w.detach(), after_one, atol=1e-6)
+    w.grad = g2.clone()
+    opt.step()
+    buf = 0.9 * (0.1 * g1) + 0.1 * g2  # momentum buffer; Nesterov looks one step further along it
+    step2 = orthogonalize(g2 + 0.9 * (buf - g2), dtype=torch.float32)
+    assert torch.allclose(w.detach(), after_one * (1 - 0.005) - 0.1 * 3**0.5 * step2, atol=1e-5)
+    u, _, vh = torch.linalg.svd(g2 + 0.9 * (buf - g2), full_matrices=False)
+    assert torch.nn.functional.cosine_similarity(step2.flatten(), (u @ vh).flatten(), dim=0) > 0.97
+
+
+def test_muon_refuses_non_matrices():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}])
+
+
+def test_make_optimizer_gives_muon_the_block_matrices_only():
+    model = GPT(tiny_config(__import__("pathlib").Path("."), [], model={"tie_embeddings": False, "pos": "learned"}).model,
+                vocab_size=20)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=2e-3, muon_lr=0.02, weight_decay=0.1), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, plain, muon = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert decay == {"tok_emb.weight", "pos_emb.weight", "head.weight"}
+    assert all(n.endswith(("bias", "norm1.weight", "norm2.weight", "norm_f.weight")) for n in plain)
+    assert len(decay) + len(plain) + len(muon) == len(list(model.parameters()))
+    assert opt.param_groups[2]["lr_scale"] == pytest.approx(10.0) and opt.param_groups[2]["muon"]
+
+
+def test_muon_state_round_trips(tmp_path):
+    # Saving and loading the optimizer mid-run continues exactly as if it had never stopped.
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, [], model={"bias": True})
+    model = GPT(cfg.model, vocab_size=20)
+    t = TrainConfig(optimizer="muon", lr=2e-3, muon_lr=0.02)
+    opt = make_optimizer(model, t, torch.device("cpu"))
+    x = torch.randint(20, (4, 32))
+
+    def step(m, o):
+        m(x, x)[1].backward()
+        o.step()
+        o.zero_grad()
+
+    step(model, opt)
+    clone = copy.deepcopy(model)
+    opt2 = make_optimizer(clone, t, torch.device("cpu"))
+    torch.save(opt.state_dict(), tmp_path / "o.pt")
+    opt2.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
+    for _ in range(3):
+        step(model, opt)
+        step(clone, opt2)
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)

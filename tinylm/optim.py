@@ -1,0 +1,115 @@
+"""Muon: orthogonalised momentum for weight matrices, with AdamW for everything else, in one optimizer.
+
+AdamW moves each number by its own normalised gradient. Muon (Keller Jordan, 2024) moves a whole
+weight matrix at once: it takes the momentum of the matrix's gradient, G = U S V^T, and replaces it by
+U V^T, the nearest matrix whose singular values are all 1, so every direction the gradient points to
+moves at the same rate instead of a few dominant ones taking over. A few Newton-Schulz iterations
+compute U V^T approximately using only matrix products (no SVD), so it is cheap next to a training step.
+
+Muon suits the hidden weight matrices (attention and MLP inside the blocks). Embeddings, the output
+head, biases and norm gains keep AdamW, as in the reference implementation. Both kinds live in one
+`torch.optim.Optimizer` (param groups with `muon: True` or not), so training code steps, zeroes, saves
+and restores it like any other optimizer.
+
+    from tinylm.optim import Muon
+    opt = Muon([{"params": matrices, "muon": True, "lr_scale": 10.0}, {"params": rest}], lr=2e-3)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.optim.adamw import adamw
+
+# Coefficients of the quintic iteration x <- a x + b (x x^T) x + c (x x^T)^2 x from Keller Jordan's Muon:
+# chosen to push every singular value in (0, 1] towards 1 as fast as possible in five steps (they end
+# between about 0.7 and 1.2, which trains as well as exact orthogonalisation).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """About U V^T for g = U S V^T (the last two dimensions; leading ones are a batch), by Newton-Schulz."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:  # iterate on the smaller Gram matrix x x^T
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for param groups with `muon=True` (2-D matrices), AdamW for the other groups.
+
+    Every group's `lr` is the schedule's learning rate (what a training loop sets each step). A Muon
+    group moves by `lr * lr_scale` (so its peak rate can differ from AdamW's while following the same
+    warmup and decay), times sqrt(max(1, rows/cols)) so tall matrices get updates of the same scale.
+    Weight decay is decoupled and shrinks a weight by `lr * weight_decay` per step in both kinds, as
+    AdamW does. `ns_dtype` is the precision of the Newton-Schulz products (bfloat16 where it is fast).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.95, lr_scale: float = 1.0,
+                 ns_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        lr_scale=lr_scale, muon=False)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon groups take 2-D weight matrices only")
+        self.ns_dtype = ns_dtype
+        self.fused = fused
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon_step if group["muon"] else self._adamw_step)(group, params)
+        return loss
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        # Matrices of one shape are orthogonalised together as a batch: fewer, larger matrix products.
+        by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            by_shape[p.shape].append(p)
+        beta, lr = group["momentum"], group["lr"]
+        for shape, ps in by_shape.items():
+            grads = [p.grad for p in ps]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+            # Updates counted per tensor, as AdamW counts them (a skipped step is visible in the state).
+            torch._foreach_add_([self.state[p].setdefault("step", torch.tensor(0.0)) for p in ps], 1.0)
+            torch._foreach_lerp_(bufs, grads, 1 - beta)  # momentum: buf = beta * buf + (1 - beta) * grad
+            nesterov = torch._foreach_lerp(grads, bufs, beta)  # look ahead: grad + beta * (buf - grad)
+            update = orthogonalize(torch.stack(nesterov), dtype=self.ns_dtype)
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            if group["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(ps, list(update.to(ps[0].dtype).unbind(0)), alpha=-lr * group["lr_scale"] * scale)
+
+    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        # Exactly torch.optim.AdamW's update (its own functional form), with its state kept per parameter.
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if self.fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, [p.grad for p in params],
+            [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params], [],
+            [self.state[p]["step"] for p in params],
+            foreach=None if self.fused else True, fused=self.fused,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False,
+        )
