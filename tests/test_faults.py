@@ -37,9 +37,11 @@ TINY = ["--data.tokenizer=char", "--model.n_layer=1", "--model.n_head=2", "--mod
 class Proc:
     """A training process whose stdout and stderr lines are collected as they come."""
 
-    def __init__(self, args: list[str], cwd: Path, file_size_limit: int | None = None, **env: str):
+    def __init__(self, args: list[str], cwd: Path, file_size_limit: int | None = None, launcher: tuple[str, ...] = (),
+                 **env: str):
+        """launcher: Python arguments that start train.py, e.g. ("-m", "torch.distributed.run", ...)."""
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
-        command = [str(ROOT / "train.py"), *args]
+        command = [*launcher, str(ROOT / "train.py"), *args]
         if file_size_limit is not None:
             command = file_size_limited(file_size_limit, command)
         self.p = subprocess.Popen([sys.executable, *command], cwd=cwd, env=full_env,

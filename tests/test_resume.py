@@ -212,3 +212,31 @@ def test_a_second_signal_stops_at_once():
     finally:
         stop.uninstall()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_guard_hands_the_verdict_to_a_fused_optimizer():
+    # The GPU path, run on the CPU's fused AdamW: the verdict goes in as found_inf, which the fused step
+    # subtracts from every parameter's 0-dim step count, so it must be 0-dim too (as GradScaler's is).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    lines: list[str] = []
+    g = guard.BlowUpGuard(3, torch.device("cpu"), opt, lines.append)
+    g.on_device = True
+    assert unchanged(model, guarded_step(model, opt, g, 1, "grad"))
+    assert not unchanged(model, guarded_step(model, opt, g, 2))
+    g.poll()
+    assert len(lines) == 1 and "step 1:" in lines[0] and int(opt.state[model.weight]["step"]) == 1
+
+
+def test_under_torchrun_a_repeated_signal_is_ignored():
+    # torchrun forwards the SIGTERM a scheduler may also have sent each process: the save must still happen.
+    stop = guard.StopSignals(announce=False, repeat_stops=False).install()
+    try:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        assert stop.signal == signal.SIGTERM
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

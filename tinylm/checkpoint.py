@@ -288,15 +288,18 @@ def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate((version, tuple(keys), gauss))
 
 
-def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def restore(state: dict[str, Any], load_model: Callable[[dict], Any], load_optimizer: Callable[[dict], Any],
             batch_gen: torch.Generator, path: Path) -> None:
-    """Put model, optimizer, data-sampling position and every RNG back where the checkpoint left them."""
+    """Put model, optimizer, data-sampling position and every RNG back where the checkpoint left them.
+
+    load_model and load_optimizer take the saved (full, single-process) state dicts: `model.load_state_dict`
+    and `optimizer.load_state_dict`, or their FSDP counterparts (tinylm.distributed.Dist.loaders)."""
     try:
-        model.load_state_dict(state["model"])
+        load_model(state["model"])
     except (RuntimeError, KeyError) as e:
         raise UserError(f"the model in {path} does not fit the config: {str(e).splitlines()[0]}") from None
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"the optimizer state in {path} does not fit this optimizer: {str(e).splitlines()[0]}; "
                         "start a new run instead") from None

@@ -51,12 +51,14 @@ class DataConfig:
     cache_dir: str = "data/cache"  # prepared token files are kept here and reused
     errors: str = "strict"  # invalid UTF-8: "strict" stops with the position, "replace" uses U+FFFD
     text_column: str = ""  # for .jsonl/.csv/.parquet/saved datasets: the text column (auto if empty)
+    tokenizer_sample_bytes: int = 100_000_000  # BPE learns from at most about this much training text (a sample)
+    streaming: bool = False  # hf: datasets: stream the rows (read once per pass) instead of downloading first
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 32  # sequences per micro-batch (in each process)
+    grad_accum: int = 1  # micro-batches per optimizer step, shared among the processes (a multiple of their number)
     lr: float = 3e-3  # peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100
@@ -77,6 +79,7 @@ class TrainConfig:
     optimizer: str = "muon"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
     muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as lr)
     max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    strategy: str = "ddp"  # with several processes (torchrun): ddp (whole model in each) or fsdp (sharded)
     init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
 
 
@@ -200,6 +203,8 @@ def validate(cfg: Config) -> Config:
         )
     if d.tokenizer == "bpe" and d.vocab_size > 2**32:
         raise UserError(f"data.vocab_size must be at most {2**32:,} (token ids are stored as uint32), got {d.vocab_size:,}")
+    if d.tokenizer_sample_bytes < 1:
+        raise UserError(f"config key 'data.tokenizer_sample_bytes' must be > 0, got {d.tokenizer_sample_bytes}")
     if not 0 < d.val_fraction < 1:
         raise UserError(f"config key 'data.val_fraction' must be between 0 and 1, got {d.val_fraction}")
 
@@ -216,6 +221,7 @@ def validate(cfg: Config) -> Config:
     if t.device not in ("auto", "cpu", "mps") and not t.device.startswith("cuda"):
         raise UserError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _choice("train.strategy", t.strategy, ("ddp", "fsdp"))
     _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
     positive("train.muon_lr", t.muon_lr)
     return cfg

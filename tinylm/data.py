@@ -17,37 +17,59 @@ Inputs: text files, folders of `.txt` files (searched recursively), or, read thr
 Hub datasets named `hf:NAME[@REVISION][:CONFIG][:SPLIT]` (e.g. `hf:roneneldan/TinyStories`).
 With no input the built-in corpus is used: the Python reference documentation that every CPython
 ships as `pydoc_data.topics` (about 465 KB of English technical prose), so training works offline.
+
+A corpus larger than memory is fine: preparing never holds the whole corpus or its token ids. Files
+are read READ_BYTES at a time and tabular files streamed (`datasets`' streaming=True) row by row; the
+documents, any iterable of `Document`s, are read in passes: one to size the corpus (and collect the
+character set, or a bounded sample of text for BPE), one to tokenize it in parallel batches
+(`encode_batch_fast`), appending to train.bin and val.bin as it goes. The result does not depend on
+how the text was cut into pieces: pieces are cut where the tokenizer would split anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
 from tinylm.tokenizer import TextTokenizer
 from tinylm.tokenizer import train as train_tokenizer
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT_VERSION = 1
 DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN = "builtin:pydoc_data"
+READ_BYTES = 1 << 22  # bytes read from a text file at a time
+PIECE_CHARS = 1 << 16  # characters per piece handed to the tokenizer
+BATCH_CHARS = 1 << 22  # characters tokenized in one parallel batch
+SAMPLE_WINDOW = 1 << 20  # characters per window of a sampled BPE training text
+CUT_LOOKBACK = 10_000  # characters before the train/val cut searched for a line end to cut at
+TRAIN, VAL = 0, 1
 
 
 @dataclass
 class Document:
     source: str  # a path or a description, for messages
-    text: str
+    text: str | Iterable[str]  # the cleaned text, whole or as consecutive pieces (a file is read in chunks)
+
+
+def pieces(doc: Document) -> Iterable[str]:
+    return [doc.text] if isinstance(doc.text, str) else doc.text
 
 
 # ---------------------------------------------------------------- reading and cleaning
@@ -60,20 +82,82 @@ def clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def decode_bytes(raw: bytes, source: str, errors: str = "strict") -> str:
-    """UTF-8 bytes -> cleaned text; a binary file or invalid UTF-8 is a UserError saying where."""
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise UserError(f"{source} looks like a binary file (NUL byte at offset {nul}), not text")
+def _incomplete_tail(raw: bytes) -> int:
+    """How many bytes at the end of raw begin a UTF-8 character that the next read completes."""
+    for back in range(1, min(4, len(raw)) + 1):
+        byte = raw[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: where the character starts
+            need = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if 0xF0 <= byte < 0xF8 else 1
+            return back if need > back else 0
+    return 0
+
+
+def _line_of(path: Path, offset: int) -> int:
+    """The line number of a byte offset, counted without reading the file whole."""
+    lines, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            block = f.read(min(READ_BYTES, offset - done))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            done += len(block)
+    return lines
+
+
+def read_text_file(path: Path, errors: str = "strict") -> Iterator[str]:
+    """The cleaned text of a UTF-8 file in pieces of about READ_BYTES: a byte-order mark dropped, line
+    ends normalised (a CRLF split between two reads too). A NUL byte (a binary file), invalid UTF-8 (with
+    errors="strict"), an empty file or one of only whitespace is a UserError saying where, exactly as
+    if the file had been read whole (the first NUL anywhere wins over an earlier invalid byte)."""
     try:
-        text = raw.decode("utf-8-sig", errors=errors)
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        offset = 0  # file offset of the first byte of `raw`
+        carry = b""  # the start of a character the previous read cut
+        cr = False  # the previous piece ended with "\r", perhaps the first half of a CRLF
+        bad = -1  # file offset of the first invalid UTF-8 byte, once found
+        size, has_text = 0, False
+        while True:
+            try:
+                block = f.read(READ_BYTES)
+            except OSError as e:
+                raise UserError(f"cannot read {path}: {e.strerror}") from None
+            size += len(block)
+            raw = carry + block
+            if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, offset = raw[3:], 3
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise UserError(f"{path} looks like a binary file (NUL byte at offset {offset + nul}), not text")
+            keep = _incomplete_tail(raw) if block and bad < 0 else 0
+            data, carry = raw[: len(raw) - keep], raw[len(raw) - keep :]
+            if bad < 0:
+                try:
+                    text = data.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as e:  # go on looking for a NUL, which would be reported first
+                    bad = offset + e.start
+                else:
+                    if offset <= 3 and text.startswith("\ufeff"):  # as clean(): a second mark goes too
+                        text = text[1:]
+                    text = ("\r" if cr else "") + text
+                    cr = bool(block) and text.endswith("\r")
+                    text = (text[:-1] if cr else text).replace("\r\n", "\n").replace("\r", "\n")
+                    has_text = has_text or (bool(text) and not text.isspace())
+                    if text:
+                        yield text
+            offset += len(data)
+            if not block:
+                break
+    if bad >= 0:
         raise UserError(
-            f"{source} is not valid UTF-8 (byte {e.start}, line {line}); "
+            f"{path} is not valid UTF-8 (byte {bad}, line {_line_of(path, bad)}); "
             "convert it to UTF-8 or pass --data.errors=replace to replace undecodable bytes"
-        ) from None
-    return clean(text)
+        )
+    if not has_text:
+        raise UserError(f"{path} is empty" if not size else f"{path} holds only whitespace")
 
 
 def builtin_corpus() -> Document:
@@ -119,14 +203,43 @@ def _text_column(columns: dict[str, object], wanted: str, source: str) -> str:
     )
 
 
-def dataset_documents(ds, cfg: DataConfig, source: str) -> list[Document]:
-    """The rows of a `datasets.Dataset` as documents, from its text column."""
-    column = _text_column(ds.features, cfg.text_column, source)
-    return [Document(f"{source}[{i}]", clean(t)) for i, t in enumerate(ds[column]) if t and t.strip()]
+def dataset_documents(ds, cfg: DataConfig, source: str) -> Iterator[Document]:
+    """The rows of a `datasets.Dataset`, or of an `IterableDataset` (load_dataset(..., streaming=True)),
+    as documents from its text column, read a batch of rows at a time; none is a UserError."""
+    import datasets
+
+    def failed(e: Exception) -> UserError:  # datasets raises many kinds; the first line says what went wrong
+        return UserError(f"cannot read {source} as a dataset: {str(e).strip().splitlines()[0]}")
+
+    try:
+        columns = ds.features
+        if columns is None:  # a streamed CSV: the column types show in its first rows
+            first = next(iter(ds.iter(batch_size=1)))
+            columns = {k: datasets.Value("string") if isinstance(v[0], str) else None for k, v in first.items()}
+    except Exception as e:
+        raise failed(e) from None
+    column = _text_column(columns, cfg.text_column, source)
+    rows = ds.select_columns([column]).iter(batch_size=1000)
+    index, found = 0, 0
+    while True:
+        try:
+            batch = next(rows, None)
+        except Exception as e:
+            raise failed(e) from None
+        if batch is None:
+            break
+        for text in batch[column]:
+            if text and text.strip():
+                found += 1
+                yield Document(f"{source}[{index}]", clean(text))
+            index += 1
+    if not found:
+        raise UserError(f"{source} holds no text")
 
 
-def read_dataset(path: Path, cfg: DataConfig) -> list[Document]:
-    """Rows of a tabular file or saved dataset, read with Hugging Face `datasets`: one row, one document."""
+def read_dataset(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    """Rows of a tabular file (streamed, never converted whole) or a saved dataset (memory-mapped),
+    read with Hugging Face `datasets`: one row, one document."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -139,12 +252,12 @@ def read_dataset(path: Path, cfg: DataConfig) -> list[Document]:
                 ds = ds["train"]
         else:
             builder = DATASET_SUFFIXES[path.suffix.lower()]
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
     except UserError:
         raise
     except Exception as e:  # datasets raises many kinds; the first line says what went wrong
         raise UserError(f"cannot read {path} as a dataset: {str(e).strip().splitlines()[0]}") from None
-    return dataset_documents(ds, cfg, str(path))
+    yield from dataset_documents(ds, cfg, str(path))
 
 
 # ---------------------------------------------------------------- Hugging Face Hub datasets
@@ -195,8 +308,9 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def read_hub(spec: str, cfg: DataConfig) -> list[Document]:
-    """A Hugging Face Hub dataset split, downloaded (and cached) by `datasets.load_dataset`."""
+def read_hub(spec: str, cfg: DataConfig) -> Iterator[Document]:
+    """A Hugging Face Hub dataset split, downloaded (and cached) by `datasets.load_dataset`, or with
+    data.streaming rows streamed as they are read (without a copy on disk; read once per pass)."""
     import datasets
 
     src = parse_hub(spec)
@@ -207,10 +321,11 @@ def read_hub(spec: str, cfg: DataConfig) -> list[Document]:
                             "connection, or set HF_HUB_OFFLINE=1 to use a copy that datasets has cached")
     datasets.enable_progress_bars()  # a Hub download can take minutes: show it
     try:
-        ds = datasets.load_dataset(src.name, src.config, split=src.split, revision=src.revision)
+        ds = datasets.load_dataset(src.name, src.config, split=src.split, revision=src.revision,
+                                   streaming=cfg.streaming)
     except Exception as e:  # not found, no such config or split: the first line says which
         raise UserError(f"cannot load Hugging Face dataset {spec}: {str(e).strip().splitlines()[0]}") from None
-    return dataset_documents(ds, cfg, spec)
+    yield from dataset_documents(ds, cfg, spec)
 
 
 def _inputs(paths: list[str]) -> list[Path | str]:
@@ -221,71 +336,97 @@ def _inputs(paths: list[str]) -> list[Path | str]:
     return out
 
 
-def read_documents(cfg: DataConfig) -> list[Document]:
-    """Every document of the configured corpus, cleaned, in a stable order."""
+def iter_documents(cfg: DataConfig) -> Iterator[Document]:
+    """Every document of the configured corpus, cleaned, in a stable order, read lazily: each call reads
+    the corpus afresh, a file a chunk at a time."""
     if not cfg.paths:
-        return [builtin_corpus()]
-    docs: list[Document] = []
+        yield builtin_corpus()
+        return
     for path in _inputs(cfg.paths):
         if isinstance(path, str):  # hf:...
-            rows = read_hub(path, cfg)
-            if not rows:
-                raise UserError(f"{path} holds no text")
-            docs.extend(rows)
-            continue
-        if is_saved_dataset(path) or path.suffix.lower() in DATASET_SUFFIXES:
-            rows = read_dataset(path, cfg)
-            if not rows:
-                raise UserError(f"{path} holds no text")
-            docs.extend(rows)
-            continue
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror}") from None
-        text = decode_bytes(raw, str(path), cfg.errors)
-        if not text.strip():
-            raise UserError(f"{path} is empty" if not raw else f"{path} holds only whitespace")
-        docs.append(Document(str(path), text))
-    return docs
+            yield from read_hub(path, cfg)
+        elif is_saved_dataset(path) or path.suffix.lower() in DATASET_SUFFIXES:
+            yield from read_dataset(path, cfg)
+        else:
+            yield Document(str(path), read_text_file(path, cfg.errors))
+
+
+def read_documents(cfg: DataConfig) -> list[Document]:
+    """Every document of the configured corpus, each text whole, in memory (for small corpora and tests)."""
+    return [Document(d.source, "".join(pieces(d))) for d in iter_documents(cfg)]
 
 
 # ---------------------------------------------------------------- split
+
+
+def split_stream(documents: Iterable[Document], cut: int) -> Iterator[tuple[int, str | None]]:
+    """(TRAIN or VAL, text) in corpus order: the first `cut` characters are training text and the rest
+    validation text, the document the cut falls in divided just after the last line end before the cut
+    (if one is within CUT_LOOKBACK characters). None for text ends a text: where an end-of-text token
+    goes. Text within CUT_LOOKBACK characters before the cut is held back until the cut is placed."""
+    seen = 0
+    for doc in documents:
+        start = seen
+        local = cut - start  # the cut, counted from this document's start
+        hold_from = max(0, local - CUT_LOOKBACK)
+        held: list[str] = []
+        side = TRAIN if local > 0 else VAL
+        wrote = False  # an empty document is no text at all
+        for text in pieces(doc):
+            if not text:
+                continue
+            wrote = True
+            a, b = seen - start, seen - start + len(text)  # this piece is [a, b) of the document
+            seen += len(text)
+            if side == VAL:
+                yield VAL, text
+                continue
+            if b <= hold_from:
+                yield TRAIN, text
+                continue
+            if a < hold_from:
+                yield TRAIN, text[: hold_from - a]
+                text = text[hold_from - a :]
+            held.append(text)
+            if b > local:  # the document goes on past the cut: place it
+                near = "".join(held)  # the document's [hold_from, b)
+                nl = near.rfind("\n", max(1, local - CUT_LOOKBACK + 1) - hold_from, local - hold_from)
+                at = (nl + 1 if nl >= 0 else local - hold_from)
+                yield TRAIN, near[:at]
+                yield TRAIN, None
+                yield VAL, near[at:]
+                side, held = VAL, []
+        if held:
+            yield TRAIN, "".join(held)
+        if wrote:
+            yield side, None
 
 
 def split(docs: list[Document], val_fraction: float) -> tuple[list[str], list[str]]:
     """Deterministic split: the last `val_fraction` of the text (cut at a line end) is validation.
 
     Documents are kept whole except the one the cut falls in, as nanoGPT cuts its single file.
+    (In memory; `build` does the same with `split_stream` on a corpus of any size.)
     """
-    total = sum(len(d.text) for d in docs)
-    cut = round(total * (1 - val_fraction))
-    train: list[str] = []
-    val: list[str] = []
-    seen = 0
-    for d in docs:
-        n = len(d.text)
-        if seen + n <= cut:
-            train.append(d.text)
-        elif seen >= cut:
-            val.append(d.text)
+    cut = round(sum(len(d.text) for d in docs) * (1 - val_fraction))
+    texts: tuple[list[str], list[str]] = ([], [])
+    current: list[str] = []
+    for side, text in split_stream(docs, cut):
+        if text is None:
+            texts[side].append("".join(current))
+            current = []
         else:
-            local = cut - seen
-            nl = d.text.rfind("\n", 0, local)  # prefer to cut just after a line end
-            at = nl + 1 if nl > 0 and local - nl < 10_000 else local
-            train.append(d.text[:at])
-            val.append(d.text[at:])
-        seen += n
-    return [t for t in train if t], [t for t in val if t]
+            current.append(text)
+    return [t for t in texts[TRAIN] if t], [t for t in texts[VAL] if t]
 
 
 # ---------------------------------------------------------------- tokenize and store
 
 
 def chunks(text: str, size: int = 1 << 20) -> list[str]:
-    """Cut text into pieces of about `size` characters at points where byte-level BPE's
-    pre-tokenizer would split anyway (a newline followed by a non-space), so encoding the pieces
-    gives exactly the ids of encoding the whole."""
+    """Cut text into pieces of about `size` characters at points where byte-level BPE's pre-tokenizer
+    would split anyway (between a non-space character and a space or newline: no pre-token spans
+    those), so encoding the pieces gives exactly the ids of encoding the whole."""
     out, start = [], 0
     while len(text) - start > size:
         boundary = _SAFE_CUT.search(text, start + size)
@@ -297,7 +438,26 @@ def chunks(text: str, size: int = 1 << 20) -> list[str]:
     return out
 
 
-_SAFE_CUT = re.compile(r"\n(?=\S)")
+# Python's \S excludes a few control characters that the tokenizer's regex counts as non-space, so
+# the left side is safe; the right side is a plain space or newline, whitespace to both.
+_SAFE_CUT = re.compile(r"(?<=\S)(?=[ \n])")
+
+
+def tokenizer_pieces(events: Iterable[tuple[int, str | None]]) -> Iterator[tuple[int, str | None]]:
+    """split_stream's events with each text re-cut into `chunks` of about PIECE_CHARS, whatever pieces
+    it came in: what the tokenizer makes of them does not depend on how the corpus was read."""
+    carry = ""
+    for side, text in events:
+        if text is None:
+            if carry:
+                yield side, carry
+            carry = ""
+            yield side, None
+            continue
+        cut = chunks(carry + text, PIECE_CHARS)
+        carry = cut.pop()
+        for piece in cut:
+            yield side, piece
 
 
 def storage_dtype(vocab_size: int) -> np.dtype:
@@ -308,16 +468,122 @@ def storage_dtype(vocab_size: int) -> np.dtype:
     raise UserError(f"vocabulary of {vocab_size} does not fit in uint32 token storage")
 
 
-def encode_documents(tok: TextTokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
-    """Token ids of all texts, each followed by the end-of-text token."""
-    parts: list[np.ndarray] = []
-    eot = np.array([tok.eot_id], dtype=dtype)
-    for text in texts:
-        tok.check_known(text)
-        for ids in tok.encode_batch(chunks(text)):
-            parts.append(np.asarray(ids, dtype=dtype))
-        parts.append(eot)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
+
+
+@dataclass
+class Survey:
+    """What one pass over the corpus learns before anything is tokenized."""
+
+    chars: int = 0
+    bytes: int = 0  # UTF-8 bytes of the cleaned text
+    documents: int = 0
+    sources: list[str] = field(default_factory=list)  # the first 100 documents'
+    charset: np.ndarray | None = None  # for a character tokenizer: which code points occur
+    _unseen: list[str] = field(default_factory=list)  # text whose characters are not yet in charset
+    _unseen_chars: int = 0
+
+    def add(self, doc: Document) -> None:
+        self.documents += 1
+        if len(self.sources) < 100:
+            self.sources.append(doc.source)
+        for text in pieces(doc):
+            self.chars += len(text)
+            self.bytes += _utf8_len(text)
+            if self.charset is not None:
+                self._unseen.append(text)
+                self._unseen_chars += len(text)
+                if self._unseen_chars >= 1 << 20:
+                    self._count_characters()
+
+    def _count_characters(self) -> None:
+        # numpy counts code points far faster than a Python set is built, best a megabyte at a time
+        text = "".join(self._unseen)
+        points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+        self.charset |= np.bincount(points, minlength=len(self.charset)).astype(bool)
+        self._unseen, self._unseen_chars = [], 0
+
+    def characters(self) -> str:
+        self._count_characters()
+        return "".join(map(chr, np.flatnonzero(self.charset)))
+
+
+def survey(cfg: DataConfig) -> Survey:
+    """Pass 1: sizes, sources and (character tokenizer) the character set; every input error surfaces here."""
+    result = Survey(charset=np.zeros(0x110000, dtype=bool) if cfg.tokenizer == "char" else None)
+    for doc in iter_documents(cfg):
+        result.add(doc)
+    return result
+
+
+def bpe_sample(cfg: DataConfig, cut: int, corpus: Survey) -> Iterator[str]:
+    """The training text BPE learns its merges from: all of it when it is at most
+    data.tokenizer_sample_bytes, else windows of SAMPLE_WINDOW characters spread evenly over it, about
+    that many bytes in all, so that learning takes bounded time and memory however large the corpus."""
+    train_bytes = corpus.bytes * cut / corpus.chars
+    rate = cfg.tokenizer_sample_bytes / train_bytes
+    period = max(SAMPLE_WINDOW, int(SAMPLE_WINDOW / rate)) if rate < 1 else 0
+    offset = 0  # characters of training text so far
+    for side, text in tokenizer_pieces(split_stream(iter_documents(cfg), cut)):
+        if side == VAL:
+            return
+        if not text:
+            continue
+        if not period:
+            yield text
+            continue
+        end = offset + len(text)
+        for window in range(offset // period * period, end, period):  # windows overlapping [offset, end)
+            lo, hi = max(window, offset), min(window + SAMPLE_WINDOW, end)
+            if lo < hi:
+                yield text[lo - offset : hi - offset]
+        offset = end
+
+
+class TokenFiles:
+    """train.bin and val.bin, appended to as token ids come, with their sizes and one hash of both."""
+
+    def __init__(self, out: Path, dtype: np.dtype):
+        self.dtype = dtype
+        self.files = [open(out / "train.bin", "wb"), open(out / "val.bin", "wb")]
+        self.tokens, self.chars, self.bytes = [0, 0], [0, 0], [0, 0]
+        self.sha = hashlib.sha256()  # train's ids then val's: all of train comes first
+
+    def write(self, side: int, ids: list[list[int]]) -> None:
+        n = sum(map(len, ids))
+        array = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=n)
+        self.files[side].write(_bytes(array))  # not ndarray.tofile, whose error drops the reason (disk full)
+        self.sha.update(_bytes(array))
+        self.tokens[side] += n
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def encode(tok: TextTokenizer, events: Iterable[tuple[int, str | None]], files: TokenFiles) -> None:
+    """Pass 2: tokenize split_stream's events in parallel batches of about BATCH_CHARS characters, each
+    text followed by the end-of-text token, and append the ids to their split's file."""
+    batch: list[tuple[int, str | None]] = []
+    size = 0
+
+    def flush() -> None:
+        encoded = iter(tok.encode_batch([text for _, text in batch if text is not None]))
+        for side, group in itertools.groupby(batch, key=lambda event: event[0]):
+            files.write(side, [next(encoded) if text is not None else [tok.eot_id] for _, text in group])
+        batch.clear()
+
+    for side, text in tokenizer_pieces(events):
+        batch.append((side, text))
+        if text:
+            size += len(text)
+            files.chars[side] += len(text)
+            files.bytes[side] += _utf8_len(text)
+        if size >= BATCH_CHARS:
+            flush()
+            size = 0
+    flush()
 
 
 def _file_stats(p: Path) -> list:
@@ -343,12 +609,14 @@ def cache_key(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> str:
     else:
         sources = [BUILTIN, sys.version]
     given = hashlib.sha256(tokenizer.tok.to_str().encode()).hexdigest() if tokenizer else None
+    trained_bpe = cfg.tokenizer == "bpe" and given is None
     settings = {
         "format": FORMAT_VERSION,
         "sources": sources,
         "tokenizer": cfg.tokenizer if given is None else given,
-        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" and given is None else None,
+        "vocab_size": cfg.vocab_size if trained_bpe else None,
         "val_fraction": cfg.val_fraction,
+        "tokenizer_sample_bytes": cfg.tokenizer_sample_bytes if trained_bpe else None,
         "errors": cfg.errors,
         "text_column": cfg.text_column,
     }
@@ -425,37 +693,46 @@ def _cache_error(root: Path, e: BaseException) -> UserError:
 
 
 def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) -> dict:
-    """Read, split, train the tokenizer (unless one is given) and write token files into `out`; returns meta."""
-    docs = read_documents(cfg)
-    train_texts, val_texts = split(docs, cfg.val_fraction)
-    if not train_texts or not val_texts:
+    """Read, split, train the tokenizer (unless one is given) and write token files into `out`; returns
+    meta. Memory stays bounded however large the corpus: see the module's docstring."""
+    corpus = survey(cfg)
+    cut = round(corpus.chars * (1 - cfg.val_fraction))
+    if not 0 < cut < corpus.chars:
         raise UserError("the corpus is too short to hold both a training and a validation split")
-    # BPE learns its merges from the training split only. A character vocabulary is the corpus's
-    # character set (as in nanoGPT), so a character that occurs only in validation text still has an id.
-    tok = tokenizer or train_tokenizer(train_texts + val_texts if cfg.tokenizer == "char" else train_texts,
-                                       cfg.tokenizer, cfg.vocab_size)
+    # BPE learns its merges from (a sample of) the training split only. A character vocabulary is the
+    # corpus's character set (as in nanoGPT), so a character that occurs only in validation text has an id.
+    if tokenizer is not None:
+        tok = tokenizer
+    elif cfg.tokenizer == "char":
+        tok = train_tokenizer([corpus.characters()], "char", cfg.vocab_size)
+    else:
+        tok = train_tokenizer(bpe_sample(cfg, cut, corpus), "bpe", cfg.vocab_size)
     dtype = storage_dtype(tok.vocab_size)
-    train_ids = encode_documents(tok, train_texts, dtype)
-    val_ids = encode_documents(tok, val_texts, dtype)
     try:
         tok.save(out / "tokenizer.json")  # tokenizers raises a bare Exception when it cannot write
-        for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
-            with open(out / name, "wb") as f:  # not ndarray.tofile, whose error drops the reason (disk full)
-                f.write(_bytes(ids))
+        files = TokenFiles(out, dtype)
+        try:
+            encode(tok, split_stream(iter_documents(cfg), cut), files)
+        finally:
+            files.close()
+    except UserError:
+        raise
     except Exception as e:
         raise _cache_error(out.parent, e) from None
+    if sum(files.chars) != corpus.chars:  # a file edited while it was being read
+        raise UserError("the corpus changed while it was being prepared; prepare it again")
     meta = {
         "format": FORMAT_VERSION,
-        "sources": [d.source for d in docs[:100]] + ([f"... {len(docs) - 100} more"] if len(docs) > 100 else []),
-        "documents": len(docs),
+        "sources": corpus.sources + ([f"... {corpus.documents - 100} more"] if corpus.documents > 100 else []),
+        "documents": corpus.documents,
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
-        "train_tokens": int(train_ids.size),
-        "val_tokens": int(val_ids.size),
-        "train_bytes": sum(len(t.encode("utf-8")) for t in train_texts),
-        "val_bytes": sum(len(t.encode("utf-8")) for t in val_texts),
-        "tokens_sha256": _sha256(train_ids, val_ids),
+        "train_tokens": files.tokens[TRAIN],
+        "val_tokens": files.tokens[VAL],
+        "train_bytes": files.bytes[TRAIN],
+        "val_bytes": files.bytes[VAL],
+        "tokens_sha256": files.sha.hexdigest(),
     }
     try:
         (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -511,7 +788,23 @@ def get_batch(
     ids: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` random windows of `block_size + 1` tokens: inputs and the same shifted by one."""
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=gen).tolist()
+    return batch_windows(ids, batch_starts(len(ids), batch_size, block_size, gen), block_size, device)
+
+
+def batch_starts(n_ids: int, batch_size: int, block_size: int, gen: torch.Generator) -> list[int]:
+    """Where `batch_size` random windows start (drawn apart from reading them, so that every process of a
+    distributed run draws the whole global batch alike and reads only its share)."""
+    import torch  # here, not at the top: preparing data needs no torch (and its 200 MB)
+
+    return torch.randint(n_ids - block_size, (batch_size,), generator=gen).tolist()
+
+
+def batch_windows(
+    ids: np.ndarray, starts: list[int], block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `block_size + 1` tokens at `starts`: inputs and the same shifted by one."""
+    import torch
+
     windows = torch.from_numpy(np.stack([ids[s : s + block_size + 1] for s in starts]).astype(np.int64))
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         windows = windows.pin_memory().to(device, non_blocking=True)

@@ -3,7 +3,9 @@
 `StopSignals` turns SIGINT (Ctrl-C) and SIGTERM into a request that the loop honours at the end of the
 current step, when the weights are whole and a checkpoint can be written. A second signal takes its
 usual effect at once (Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process); the checkpoint on
-disk is then the last one written, which is whole.
+disk is then the last one written, which is whole. Under torchrun a repeat is ignored instead: torchrun
+forwards the signal it gets to every process, which a cluster's scheduler may already have signalled,
+and it ends processes that outlive its shutdown timeout itself.
 
 `BlowUpGuard` does the optimizer step only when the loss and the gradient norm are finite, so that one
 bad batch does not turn every weight into NaN, and stops the run after `max_bad_steps` such steps in a
@@ -37,8 +39,10 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True, repeat_stops: bool = True) -> None:
         self.signal = 0  # the first signal received, 0 if none
+        self.announce = announce  # say so on stderr (only one of a distributed run's processes does)
+        self.repeat_stops = repeat_stops  # a second signal stops at once (not under torchrun)
         self._previous: dict[int, object] = {}
 
     @property
@@ -46,6 +50,8 @@ class StopSignals:
         return signal.Signals(self.signal).name if self.signal else ""
 
     def _handle(self, signum: int, frame) -> None:
+        if self.signal and not self.repeat_stops:
+            return
         if self.signal:  # asked twice: let the signal do what it normally does
             self.uninstall()
             signal.raise_signal(signum)
@@ -53,8 +59,9 @@ class StopSignals:
         self.signal = signum
         again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
         # os.write, not print: a handler can interrupt a print, and print is not reentrant.
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                    f"({again} again stops at once)\n".encode())
+        if self.announce:
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+                        f"{f' ({again} again stops at once)' if self.repeat_stops else ''}\n".encode())
 
     def install(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -83,7 +90,9 @@ class BlowUpGuard:
         gradient makes its norm NaN, and any micro-batch's NaN loss reaches the gradient)."""
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         if self.on_device:
-            optimizer.found_inf = bad.float().reshape(1)  # fused kernels skip the update when this is 1
+            # Fused kernels skip the update when this is 1. A 0-dim tensor, as torch's GradScaler passes: the
+            # fused step subtracts it from each parameter's 0-dim step count, which a shape-(1,) one cannot be.
+            optimizer.found_inf = bad.float()
             try:
                 optimizer.step()
             finally:
@@ -119,8 +128,10 @@ class BlowUpGuard:
 
 
 def params_finite(model: torch.nn.Module) -> bool:
-    """True when no weight is inf or NaN (a finite gradient with a huge step can still overflow one)."""
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+    """True when no weight is inf or NaN (a finite gradient with a huge step can still overflow one).
+    A sharded (FSDP) model checks the shard this process holds."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return bool(torch.stack([p.isfinite().all() for p in local]).all())
 
 
 def injected_nan_steps() -> set[int]:

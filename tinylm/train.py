@@ -18,10 +18,13 @@ offset or a per-channel scale towards zero does not make the model simpler.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import platform
 import random
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,9 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinylm import __version__, checkpoint, config as config_, guard, tblog
+from tinylm import __version__, checkpoint, config as config_, distributed, guard, tblog
 from tinylm.config import Config, TrainConfig
-from tinylm.data import Prepared, check_window, fingerprint, get_batch, prepare
+from tinylm.data import Prepared, batch_starts, batch_windows, check_window, fingerprint, prepare
 from tinylm.errors import UserError
 from tinylm.generate import generate
 from tinylm.model import GPT, describe_architecture, format_parameter_table, parameter_summary, parameter_table
@@ -146,19 +149,31 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, t: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ids: np.ndarray, t: TrainConfig, block: int, device, dtype, seed: int) -> float:
-    """Mean loss over `eval_batches` windows; the same windows every time, so evaluations compare."""
+def evaluate(model: torch.nn.Module, ids: np.ndarray, t: TrainConfig, block: int, device, dtype, seed: int,
+             d: distributed.Dist | None = None) -> float:
+    """Mean loss over `eval_batches` windows; the same windows every time, so evaluations compare.
+    Several processes share the windows out and average (FSDP needs each to run as many batches: a
+    process short of one repeats its first, uncounted)."""
+    d = d or distributed.Dist(device)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(t.eval_batches):
-        x, y = get_batch(ids, t.batch_size, block, gen, device)
+    starts = [batch_starts(len(ids), t.batch_size, block, gen) for _ in range(t.eval_batches)]
+    mine = starts[d.rank :: d.world]
+    total = torch.zeros((), device=device)
+    for i in range(-(-t.eval_batches // d.world)):
+        x, y = batch_windows(ids, mine[i] if i < len(mine) else starts[0], block, device)
         with autocast(device, dtype):
             _, loss = model(x, y)
-        losses.append(loss.float())
+        if i < len(mine):
+            total += loss.float()
     model.train(was_training)
-    return torch.stack(losses).mean().item()
+    return (d.average(total) * d.world / t.eval_batches).item()
+
+
+def dropout_seed(seed: int, step: int, micro: int) -> int:
+    """The random seed of a micro-batch's dropout: the same whichever process runs it."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{micro}".encode(), digest_size=8).digest(), "little")
 
 
 def sample_text(model: GPT, prep: Prepared, n_tokens: int, seed: int) -> str:
@@ -203,15 +218,29 @@ def train(
     out: Callable[[str], None] = print,
     name: str = "default",
 ) -> dict[str, Any]:
-    """Train per cfg into run_dir (a fresh runs/<name> if None); resume=True continues its checkpoint."""
+    """Train per cfg into run_dir (a fresh runs/<name> if None); resume=True continues its checkpoint.
+    Started by torchrun, this process is one of several (tinylm/distributed.py); only rank 0 writes."""
+    d = distributed.setup(cfg.train, pick_device(cfg.train.device))
+    try:
+        result = _train(cfg, d, run_dir, resume, out if d.main else distributed.quiet, name)
+        d.barrier()  # leave together: torchrun stops the other processes as soon as one has ended
+        if d.world > 1:  # an FSDP model holds the process group, which must not outlive close()
+            result.pop("model", None)
+        return result
+    finally:
+        d.close()
+
+
+def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: bool,
+           out: Callable[[str], None], name: str) -> dict[str, Any]:
     t, m = cfg.train, cfg.model
-    device = pick_device(t.device)
+    device = d.device
     dtype = autocast_dtype(t.dtype, device)
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
     random.seed(t.seed)
 
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(name)
+    run_dir = Path(run_dir) if run_dir is not None else d.from_main(new_run_dir(name) if d.main else None)
     ckpt_path = run_dir / checkpoint.CHECKPOINT
     if resume:
         state: dict[str, Any] | None = checkpoint.load(ckpt_path)
@@ -227,7 +256,7 @@ def train(
 
         pretrained = read_pretrained(t.init_from)
         cfg.model = m = pretrained.fit(m)
-    prep = prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None)
+    prep = d.first_on_each_node(lambda: prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None))
     vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     meta = prep.meta
     if prep.note:
@@ -244,11 +273,11 @@ def train(
         checkpoint.check_resume_data(state, cfg, data_id, ckpt_path)
         for change in changes:
             out(f"resume: {change}")
-        checkpoint.remove_stale_temps(run_dir)
-    checkpoint.write_run_files(run_dir, config_.to_yaml(cfg), prep.dir / "tokenizer.json",
-                               json.dumps({**meta, "cache": str(prep.dir)}, indent=2))
+        d.on_main(lambda: checkpoint.remove_stale_temps(run_dir))
+    d.on_main(lambda: checkpoint.write_run_files(run_dir, config_.to_yaml(cfg), prep.dir / "tokenizer.json",
+                                                 json.dumps({**meta, "cache": str(prep.dir)}, indent=2)))
 
-    model = GPT(m, vocab_size).to(device)
+    model = GPT(m, vocab_size)
     if pretrained is not None and state is None:
         model.load_state_dict(pretrained.state_for(m))
         out(f"initialised from {t.init_from}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}")
@@ -257,17 +286,21 @@ def train(
     table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
     out(table)
     out(describe_architecture(m))
+    model = d.place(model)  # on the device; with FSDP only this process's shard
     optimizer = make_optimizer(model, t, device, dtype)
     out(describe_optimizer(optimizer, t))
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
     batch_gen = torch.Generator().manual_seed(t.seed)  # the data-sampling position, saved in checkpoints
     if state is not None:
-        checkpoint.restore(state, model, optimizer, batch_gen, ckpt_path)
+        checkpoint.restore(state, *d.loaders(model, optimizer), batch_gen, ckpt_path)
         step, tokens_seen, elapsed, best_val = state["step"], state["tokens"], state["elapsed"], state["best_val"]
         out(f"resumed {run_dir} at step {step}")
-    fwd = torch.compile(model) if t.compile else model
+    core = torch.compile(model) if t.compile else model
+    fwd = d.wrap(core)  # with DDP, the wrapper that averages gradients across processes
 
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size
+    if d.world > 1:
+        out(d.describe(t, m.block_size))
     out(
         f"device {device}, {'bfloat16 autocast' if dtype else 'float32'}, "
         f"{tokens_per_step:,} tokens per step, up to {t.max_steps:,} steps"
@@ -275,20 +308,26 @@ def train(
     )
 
     # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
-    writer = _writer(run_dir, cfg, table, summary, purge_step=step + 1 if state is not None else None)
-    tblog.watch_updates(optimizer, model, writer, lambda: step + 1, t.log_interval)  # update/weight ratios
+    writer = (_writer(run_dir, cfg, table, summary, purge_step=step + 1 if state is not None else None)
+              if d.main else distributed.NullWriter())
+    # Weight/bias histograms, update ratios and the projector read whole tensors: rank 0 only, and not
+    # under FSDP, where each process holds a shard (the scalars and text are still logged).
+    inspect = d.main and d.strategy != "fsdp"
+    if inspect:
+        tblog.watch_updates(optimizer, model, writer, lambda: step + 1, t.log_interval)  # update/weight ratios
     say = tqdm.write if out is print else out  # lines printed while the progress bar is on screen
     saver = checkpoint.Saver(ckpt_path, state["step"] if state is not None else None, say)
     blowup = guard.BlowUpGuard(t.max_bad_steps, device, optimizer, say)
     poisoned = guard.injected_nan_steps()
 
     def save(final: bool) -> None:
-        if not guard.params_finite(model):  # never replace a good checkpoint with broken weights
+        if not d.all_true(guard.params_finite(model)):  # never replace a good checkpoint with broken weights
             raise guard.Diverged(f"training diverged: the weights hold inf or NaN at step {step}")
-        saver.save(
+        weights, moments = d.full_state(model, optimizer)  # FSDP: gathered onto rank 0
+        saved = d.on_main(lambda: saver.save(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": weights,
+                "optimizer": moments,
                 "step": step,
                 "tokens": tokens_seen,
                 "elapsed": elapsed,
@@ -301,17 +340,19 @@ def train(
                 "environment": environment(),
             },
             final,
-        )
+        ))
+        saver.step = step if saved else saver.step  # other processes learn what rank 0 wrote
 
     def run_eval() -> dict[str, float]:
         nonlocal best_val
-        val = evaluate(fwd, prep.val, t, m.block_size, device, dtype, t.seed + 1)
-        train_loss = evaluate(fwd, prep.train, t, m.block_size, device, dtype, t.seed + 2)
+        val = evaluate(core, prep.val, t, m.block_size, device, dtype, t.seed + 1, d)
+        train_loss = evaluate(core, prep.train, t, m.block_size, device, dtype, t.seed + 2, d)
         bpb = val * prep.tokens_per_byte / math.log(2)
         best_val = min(best_val, val)
         for tag, value in (("val/loss", val), ("val/ppl", math.exp(min(val, 50))), ("val/bpb", bpb), ("train/eval_loss", train_loss)):
             writer.add_scalar(tag, value, step)
-        tblog.log_histograms(writer, model, step)
+        if inspect:
+            tblog.log_histograms(writer, model, step)
         line = f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f}, {bpb:.3f} bits/byte), train loss {train_loss:.4f}"
         if t.sample_tokens:
             text = sample_text(model, prep, t.sample_tokens, t.seed)
@@ -322,7 +363,8 @@ def train(
         return {"val_loss": val, "val_bpb": bpb, "train_loss": train_loss}
 
     figures: dict[str, float] = {}
-    stop = guard.StopSignals().install()  # from here on SIGINT/SIGTERM ask the loop to stop after its step
+    # From here on SIGINT/SIGTERM ask the loop to stop after its step.
+    stop = guard.StopSignals(announce=d.main, repeat_stops=d.world == 1).install()
     bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=out is not print, file=sys.stdout)
     try:
@@ -331,18 +373,31 @@ def train(
         model.train()
         started = time.perf_counter() - elapsed
         window_start, window_tokens = time.perf_counter(), 0
-        while step < t.max_steps and not (t.max_time and elapsed >= t.max_time) and not stop.signal:
+        while True:
+            # Several processes stop at the same step, whichever got the signal, and follow one clock.
+            signum, elapsed = d.agree(stop.signal, elapsed)
+            if step >= t.max_steps or (t.max_time and elapsed >= t.max_time) or signum:
+                break
             lr = learning_rate(step, progress(step, elapsed, t), t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(t.grad_accum):
-                x, y = get_batch(prep.train, t.batch_size, m.block_size, batch_gen, device)
-                with autocast(device, dtype):
-                    _, loss = fwd(x, y)
-                if step + 1 in poisoned:  # fault injection for tests (TINYLM_TEST_NAN_STEPS)
-                    loss = loss * float("nan")
-                (loss / t.grad_accum).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            # The step's global batch is drawn alike in every process; each trains on its share of it.
+            micro = [batch_starts(len(prep.train), t.batch_size, m.block_size, batch_gen) for _ in range(t.grad_accum)]
+            mine = range(d.rank, t.grad_accum, d.world)
+            step_loss = torch.zeros((), device=device)
+            for j in mine:
+                x, y = batch_windows(prep.train, micro[j], m.block_size, device)
+                torch.manual_seed(dropout_seed(t.seed, step, j))
+                with d.no_sync(fwd, last=j == mine[-1]):  # DDP averages gradients after the last one only
+                    with autocast(device, dtype):
+                        _, loss = fwd(x, y)
+                    if step + 1 in poisoned:  # fault injection for tests (TINYLM_TEST_NAN_STEPS)
+                        loss = loss * float("nan")
+                    (loss / len(mine)).backward()
+                step_loss += loss.detach().float() / len(mine)
+            # The global batch's mean loss, the same in every process, so the blow-up guard decides alike.
+            loss = d.average(step_loss)
+            grad_norm = distributed.plain(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf")))
             blowup.step(optimizer, loss, grad_norm, step + 1)  # optimizer.step() unless not finite
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -369,18 +424,21 @@ def train(
         blowup.poll()
         bar.close()
         elapsed = time.perf_counter() - started
-        if stop.signal:
+        if signum:
             if saver.step != step:
                 save(final=True)
-            out(f"stopped by {stop.name} at step {step}; checkpoint saved in {ckpt_path}\n"
+            out(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in {ckpt_path}\n"
                 f"  resume with: python train.py --resume {run_dir}")
-            return {"run_dir": str(run_dir), "step": step, "interrupted": True, "signal": stop.signal, **figures}
+            return {"run_dir": str(run_dir), "step": step, "interrupted": True, "signal": signum, **figures}
         if step % t.eval_interval:
             figures = run_eval()
         save(final=True)
         writer.add_scalar("time/elapsed_sec", elapsed, step)
-        tblog.log_embeddings(writer, model, prep.tokenizer, step)
+        if inspect:
+            tblog.log_embeddings(writer, model, prep.tokenizer, step)
     except guard.Diverged as e:
+        if not d.main:  # every process decided alike; rank 0 says so
+            raise SystemExit(2) from None
         raise UserError(f"{e}; {saver.kept()}; lower train.lr or raise train.warmup_steps, then resume with "
                         f"--resume {run_dir}") from None
     finally:
@@ -407,6 +465,11 @@ def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int], pur
 
     import yaml
 
+    # TensorBoard reads a run's event files in name order, and a name starts with the second it was made
+    # in (then host, pid, a counter): a resumed run's file made in its predecessor's second could sort first.
+    made = [int(m.group(1)) for p in run_dir.glob("events.out.tfevents.*") if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", p.name))]
+    while made and time.time() < max(made) + 1:
+        time.sleep(0.05)
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
     writer.add_text("parameters", table)
     writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
