@@ -13,7 +13,7 @@ Both reserve `<|endoftext|>`, used between documents and as the start token of a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,7 +64,7 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def stream_decoder(self) -> Iterator[str] | decoders.DecodeStream:
+    def stream_decoder(self) -> decoders.DecodeStream:
         """An incremental decoder: `.step(tok.tok, id)` returns new text once it forms whole characters."""
         return decoders.DecodeStream(skip_special_tokens=False)
 

@@ -358,7 +358,7 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
             text = sample_text(model, prep, t.sample_tokens, t.seed)
             writer.add_text("samples", "```\n" + text + "\n```", step)
             line += "\n--- sample ---\n" + text.strip() + "\n--------------"
-        tqdm.write(line) if out is print else out(line)
+        say(line)
         writer.flush()
         return {"val_loss": val, "val_bpb": bpb, "train_loss": train_loss}
 
