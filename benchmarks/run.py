@@ -31,6 +31,9 @@ from tinylm.train import cpu_has_fast_bf16, pick_device
 
 SUITES = ("peak", "throughput", "loss", "sampling")
 TARGET = 1.886  # nanoGPT's CPU recipe's validation loss
+# The tuned recipe's model per budget (n_layer, n_head, n_embd, block_size, batch_size), from a sweep on
+# this machine kind: in a minute a small model sees the most text; ten minutes pay for a wider one.
+LOSS_SHAPES = "60:3,4,128,64,32/600:4,4,192,128,32"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,9 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--suites", default=",".join(SUITES), help="comma-separated, from: " + ", ".join(SUITES))
     p.add_argument("--budgets", help="training budgets in seconds for the loss suite (default 60,600; quick 60)")
     p.add_argument("--evals", type=int, help="full validation evaluations per budget (default 20; quick 10)")
-    p.add_argument("--loss_shape", default="4,4,128,64,12",
-                   help="n_layer,n_head,n_embd,block_size,batch_size of the tuned recipe in the loss suite "
-                        "(default: the baseline's, so both train the same model size)")
+    p.add_argument("--loss_shape", default=LOSS_SHAPES,
+                   help="the tuned recipe's model in the loss suite, n_layer,n_head,n_embd,block_size,batch_size, "
+                        "for every budget or per budget as BUDGET:SHAPE/BUDGET:SHAPE (a budget not named takes the "
+                        "shape of the largest named budget below it, else the smallest); default %(default)s: "
+                        "what a budget's best loss calls for (the baseline keeps its own 4,4,128,64,12)")
+    p.add_argument("--own_steps", type=int, help="steps of the baseline's run on its own schedule "
+                   "(default: its max_steps, nanoGPT's 2,000; 0 leaves that run out)")
     p.add_argument("--seconds", type=float, help="seconds per throughput measurement (default 20; quick 6)")
     p.add_argument("--sample_tokens", type=int, help="new tokens per sampling run (default 1000; quick 500)")
     p.add_argument("--nocache_tokens", type=int, help="new tokens without the KV cache (default 1000; quick 300)")
@@ -63,9 +70,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(a.suites) - set(SUITES)
     if unknown:
         p.error(f"unknown suite {', '.join(sorted(unknown))}; choose from {', '.join(SUITES)}")
+    try:
+        for budget in a.budgets:
+            shape_for(a.loss_shape, budget)
+    except ValueError:
+        p.error(f"--loss_shape {a.loss_shape!r}: expected n_layer,n_head,n_embd,block_size,batch_size (or BUDGET:that/...)")
     if not a.corpus.is_file():
         p.error(f"corpus not found: {a.corpus} (pass --corpus PATH to tiny Shakespeare)")
     return a
+
+
+SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "train.batch_size")
+
+
+def shape_for(spec: str, budget: float) -> dict[str, int]:
+    """The --loss_shape for one budget: "L,H,C,T,B" for all, or "60:L,H,C,T,B/600:L,H,C,T,B"."""
+    shapes = {}
+    for part in spec.split("/"):
+        when, _, shape = part.rpartition(":")
+        shapes[float(when) if when else 0.0] = dict(zip(SHAPE_KEYS, (int(x) for x in shape.split(","))))
+    below = [b for b in shapes if b <= budget]
+    return shapes[max(below) if below else min(shapes)]
 
 
 def log(msg: str) -> None:
@@ -100,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                 r["fraction_of_peak"] = r["flops_per_s"] / peak[r["autocast"]]
                 results["throughput"][f"{shape}/{name}"] = r
     if "loss" in a.suites:
-        L, H, C, T, B = (int(x) for x in a.loss_shape.split(","))
-        loss_shape = {"model.n_layer": L, "model.n_head": H, "model.n_embd": C, "model.block_size": T, "train.batch_size": B}
         results["loss"] = {}
+        # nanoGPT's recipe as nanoGPT runs it (2,000 steps, its schedule by steps): the baseline's own best
+        # shot at the target, next to the budget runs whose schedules are timed to each budget.
+        if a.own_steps != 0:
+            own = recipe("baseline", a.corpus, a.cache_dir, {"train.max_steps": a.own_steps} if a.own_steps else None)
+            log(f"loss: baseline on its own {own.train.max_steps:,}-step schedule ...")
+            results["loss"]["own/baseline"] = budget_run(own, prep, None, a.evals, TARGET, foreach_adamw=True)
         for budget in a.budgets:
             for name in RECIPES:
                 log(f"loss: {name} for {budget:g} s ...")
-                cfg = recipe(name, a.corpus, a.cache_dir, loss_shape if name == "tuned" else None)
+                cfg = recipe(name, a.corpus, a.cache_dir, shape_for(a.loss_shape, budget) if name == "tuned" else None)
                 results["loss"][f"{budget:g}/{name}"] = budget_run(cfg, prep, budget, a.evals, TARGET, foreach_adamw=name == "baseline")
     if "sampling" in a.suites:
         results["sampling"] = {}
@@ -161,14 +190,18 @@ def table(r: dict[str, Any], a: argparse.Namespace) -> str:
         row("  % of peak (own precision)", 100 * b["fraction_of_peak"], 100 * t["fraction_of_peak"], "{:.1f}%", ratio=False)
         row("  warm-up s (3 steps, compile)", b["warmup_s"], t["warmup_s"], "{:.1f}", ratio=False)
     if "loss" in r:
-        rows.append((f"full validation loss (target {TARGET}; tuned at {a.loss_shape.replace(',', '/')})", "", "", ""))
+        rows.append((f"full validation loss (target {TARGET}; baseline 4L/4H/128w/ctx64/batch12)", "", "", ""))
         reach = {n: [x["time_to_target_s"] for k, x in r["loss"].items() if k.endswith("/" + n) and x["time_to_target_s"]] for n in RECIPES}
         first = {n: min(v) if v else None for n, v in reach.items()}
         rows.append((f"  seconds to {TARGET}", fmt_seconds(first["baseline"]), fmt_seconds(first["tuned"]),
                      f"{first['tuned'] / first['baseline']:.2f}x" if first["baseline"] and first["tuned"] else ""))
+        if "own/baseline" in r["loss"]:
+            own = r["loss"]["own/baseline"]
+            rows.append((f"  baseline's own {own['steps']:,}-step run: best (seconds)", f"{own['best_val']:.4f} ({own['seconds']:.0f} s)", "", ""))
         for budget in a.budgets:
             b, t = r["loss"][f"{budget:g}/baseline"], r["loss"][f"{budget:g}/tuned"]
-            row(f"  best in {budget:g} s", b["best_val"], t["best_val"], "{:.4f}")
+            L, H, C, T, B = (shape_for(a.loss_shape, budget)[k] for k in SHAPE_KEYS)
+            row(f"  best in {budget:g} s (tuned {L}L/{H}H/{C}w/ctx{T}/batch{B})", b["best_val"], t["best_val"], "{:.4f}")
             row(f"  steps in {budget:g} s", b["steps"], t["steps"])
     if "sampling" in r:
         s = r["sampling"]

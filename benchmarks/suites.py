@@ -39,26 +39,33 @@ def throughput(cfg: Config, prep: Prepared, seconds: float, warmup_steps: int = 
             "warmup_s": warmup, "autocast": str(tr.dtype).replace("torch.", "") if tr.dtype else "float32"}
 
 
-def budget_run(cfg: Config, prep: Prepared, budget: float, n_evals: int, target: float,
+def budget_run(cfg: Config, prep: Prepared, budget: float | None, n_evals: int, target: float,
                foreach_adamw: bool = False) -> dict[str, Any]:
     """Train for `budget` seconds (the schedule's cosine timed to end there; compilation counts, evaluation
-    does not), with the full validation loss every budget/n_evals seconds and at the end."""
-    cfg.train.max_time, cfg.train.max_steps = budget, 10**9
+    does not), with the full validation loss every budget/n_evals seconds and at the end.
+
+    budget=None runs the recipe exactly as configured instead: its max_steps and its step-based schedule
+    (nanoGPT's 2,000 iterations for the baseline), evaluated every max_steps/n_evals steps."""
+    if budget:
+        cfg.train.max_time, cfg.train.max_steps = budget, 10**9
     tr = Trainer(cfg, prep, foreach_adamw=foreach_adamw)
     curve = [(0.0, full_val_loss(tr))]
-    elapsed, next_eval = 0.0, budget / n_evals
-    while elapsed < budget:
+    total = budget or cfg.train.max_steps  # seconds, or steps
+    elapsed, next_eval = 0.0, total / n_evals
+    position = lambda: elapsed if budget else tr.steps  # noqa: E731
+    while position() < total:
         start = time.perf_counter()
         tr.step(tr.lr_at(elapsed))
-        if elapsed + (time.perf_counter() - start) >= min(next_eval, budget):
-            sync(tr.device)
+        due = elapsed + (time.perf_counter() - start) >= min(next_eval, budget) if budget else tr.steps >= next_eval
+        if due:
+            sync(tr.device)  # the clock must include the queued GPU work before an evaluation
         elapsed += time.perf_counter() - start
-        if elapsed >= next_eval or elapsed >= budget:
+        if position() >= next_eval or position() >= total:
             curve.append((elapsed, full_val_loss(tr)))
-            while next_eval <= elapsed:
-                next_eval += budget / n_evals
+            while next_eval <= position():
+                next_eval += total / n_evals
     reached = next((t for t, loss in curve if loss <= target), None)
-    return {"budget_s": budget, "steps": tr.steps, "tokens": tr.tokens, "curve": curve,
+    return {"budget_s": budget, "steps": tr.steps, "tokens": tr.tokens, "seconds": elapsed, "curve": curve,
             "best_val": min(loss for _, loss in curve), "final_val": curve[-1][1], "time_to_target_s": reached}
 
 

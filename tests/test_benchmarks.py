@@ -41,15 +41,18 @@ def test_run_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "benchmarks.run", "--corpus", str(tmp_path / "c.txt"), "--suites", "loss",
-            "--budgets", "1", "--evals", "2", "--cache_dir", str(tmp_path / "cache"), "--out", str(out)]
+            "--budgets", "1", "--evals", "2", "--own_steps", "6", "--cache_dir", str(tmp_path / "cache"), "--out", str(out)]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "seconds to 1.886" in done.stdout and "best in 1 s" in done.stdout
     results = json.loads(out.read_text())
     runs = results["loss"]
-    assert set(runs) == {"1/baseline", "1/tuned"}
+    assert set(runs) == {"own/baseline", "1/baseline", "1/tuned"}
     for r in runs.values():
         assert r["steps"] > 0 and len(r["curve"]) >= 2 and r["best_val"] == min(v for _, v in r["curve"])
+    # The baseline's own run: exactly its steps, on its own step schedule, evaluated every 6/2 = 3 steps.
+    assert runs["own/baseline"]["steps"] == 6 and len(runs["own/baseline"]["curve"]) == 3
+    assert "baseline's own 6-step run" in done.stdout
     assert results["recipes"]["baseline"]["model"]["pos"] == "learned"
     bad = subprocess.run([*args[:3], "--corpus", str(tmp_path / "missing.txt")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "corpus not found" in bad.stderr

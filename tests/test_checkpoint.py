@@ -124,3 +124,30 @@ def test_stale_temporary_files_are_removed(tmp_path, saved):
     (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a killed save")
     checkpoint.remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_run_directory_has_one_trainer_at_a_time(tmp_path):
+    run = tmp_path / "run"
+    with checkpoint.run_lock(run):
+        assert (run / checkpoint.LOCK).read_text() == str(os.getpid())
+        with pytest.raises(UserError, match=rf"^{run} is in use by another training process \(pid {os.getpid()}\);"):
+            with checkpoint.run_lock(run):
+                pass
+    with checkpoint.run_lock(run):  # released at the end of the first
+        pass
+    assert run.is_dir()  # nothing failed: the folder stays
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path):
+    from conftest import tiny_config
+    from tinylm.train import train
+
+    (tmp_path / "short.txt").write_text("too short for a window of 32 tokens")
+    cfg = tiny_config(tmp_path, [tmp_path / "short.txt"], data={"tokenizer": "char"})
+    with pytest.raises(UserError, match="split has .* fewer than one training window"):
+        train(cfg, run_dir=tmp_path / "fresh", out=lambda s: None)
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left as it was
+    with pytest.raises(UserError):
+        train(cfg, run_dir=tmp_path / "kept", out=lambda s: None)
+    assert (tmp_path / "kept").is_dir()

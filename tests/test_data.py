@@ -202,3 +202,34 @@ def test_unwritable_cache_is_one_line(tmp_path):
     blocker.write_text("a file where the cache folder should go")
     with pytest.raises(UserError, match=rf"^cannot write the data cache in {blocker}/cache: .*set --data.cache_dir"):
         data.prepare(DataConfig(paths=[str(p)], cache_dir=str(blocker / "cache"), tokenizer="char"))
+
+
+def test_a_build_killed_midway_leaves_nothing_behind(tmp_path):
+    """SIGKILL a real cache build while its private folder exists: the next prepare removes that folder
+    (its process is gone) and builds the cache; a live process's build folder is left alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(markov_text(3_000_000))
+    cfg = cfg_for(tmp_path, [corpus], tokenizer="char")
+    cache = tmp_path / "cache"
+    script = (f"from tinylm import data, config; data.prepare(config.DataConfig(paths=[{str(corpus)!r}], "
+              f"cache_dir={str(cache)!r}, tokenizer='char'))")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not list(cache.glob(".*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (dead,) = cache.glob(".*")  # killed mid-build: its folder, and no finished cache
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []
+    live = cache / f"{dead.name.rsplit('-', 2)[0]}-{os.getpid()}-x"  # as if this process were building
+    live.mkdir()
+    prep = data.prepare(cfg)
+    assert not prep.reused and not dead.exists() and live.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([prep.dir.name, live.name])

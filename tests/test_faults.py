@@ -183,7 +183,14 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(workdir, refer
     proc.wait_for(r"test hook: save 2 written, pausing")
     (tmp,) = run.glob(".checkpoint.pt.*.tmp")
     assert tmp.stat().st_size > 0
-    proc.kill()
+    # A second trainer on the same directory now would delete that temp file and write the same checkpoint:
+    # it is refused, with the holder's pid, and touches nothing.
+    second = resume("midsave", workdir)
+    assert second.finish() == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: midsave is in use by another training process (pid {proc.p.pid}); wait for it to end, or pick another --run_dir"]
+    assert tmp.exists() and checkpoint_step(run) == EVERY
+    proc.kill()  # the OS drops a killed process's lock: the resume below takes it
     assert checkpoint_step(run) == EVERY  # the previous checkpoint, whole
     proc = resume("midsave", workdir)
     assert proc.finish() == 0, proc.stderr

@@ -40,6 +40,7 @@ import torch
 
 from tinylm.errors import UserError
 
+LOCK = ".lock"  # held by the process training in a run directory (run_lock)
 CHECKPOINT = "checkpoint.pt"
 RUN_KEYS = ("model", "vocab_size", "config")  # what sampling needs
 RESUME_KEYS = RUN_KEYS + ("optimizer", "step", "tokens", "elapsed", "best_val", "batch_rng", "rng")
@@ -133,6 +134,43 @@ def write_run_files(run_dir: Path, config_text: str, tokenizer: Path, data_json:
                 f.write(content)
     except OSError as e:
         raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold run_dir for this process while it trains: a second trainer started on the same directory
+    stops with a one-line error instead of both writing one checkpoint. The lock is the OS's (flock on
+    run_dir/.lock), so it goes when the process ends, however it ends: a killed run leaves none behind.
+    If the run fails before writing anything, the directory this created is removed again."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; keeping to one trainer per directory is up to the user
+        yield
+        return
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip()
+            raise UserError(f"{run_dir} is in use by another training process{f' (pid {pid})' if pid else ''}; "
+                            "wait for it to end, or pick another --run_dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+                (run_dir / LOCK).unlink()  # a run that failed before its first file leaves no empty folder
+                run_dir.rmdir()
+            raise
 
 
 def remove_stale_temps(run_dir: Path) -> None:

@@ -61,7 +61,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step, shared among the processes (a multiple of their number)
     lr: float = 3e-3  # peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     weight_decay: float = 0.1  # applied to weight matrices only, never to biases or norm gains
     beta1: float = 0.9
     beta2: float = 0.99

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -741,6 +742,26 @@ def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) ->
     return meta
 
 
+def remove_dead_builds(root: Path, key: str) -> None:
+    """Delete the build folders of `key` that a process on this machine left when it was killed mid-build.
+
+    A build folder is named .<key>-<host>-<pid>-<random>; one whose process is gone is garbage. Folders
+    of live processes (a concurrent build) and of other machines sharing the cache are left alone."""
+    if os.name != "posix":  # os.kill(pid, 0) asks about a process only on POSIX (on Windows it kills it)
+        return
+    prefix = f".{key}-{socket.gethostname()}-"
+    for folder in root.glob(f".{key}-*"):
+        pid = folder.name[len(prefix):].split("-")[0] if folder.name.startswith(prefix) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # it exists (another user's): leave it
+            pass
+
+
 def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Prepared:
     """Prepared token files for cfg: reused from the cache when nothing changed, else built.
 
@@ -758,7 +779,8 @@ def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Prepared
     # leaves a half-written cache that a later run would trust.
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+        remove_dead_builds(root, final.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-{socket.gethostname()}-{os.getpid()}-", dir=root))
     except OSError as e:
         raise _cache_error(root, e) from None
     try:

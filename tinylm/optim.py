@@ -37,9 +37,13 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     if not wide:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now at most 1
+    shape, x = x.shape, x.reshape(-1, *x.shape[-2:])  # one batch dimension, for baddbmm
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        # a x + (b gram + c gram^2) x, with the scalings and sums done inside the matrix products
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    x = x.reshape(shape)
     return x if wide else x.mT
 
 

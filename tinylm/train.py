@@ -222,7 +222,8 @@ def train(
     Started by torchrun, this process is one of several (tinylm/distributed.py); only rank 0 writes."""
     d = distributed.setup(cfg.train, pick_device(cfg.train.device))
     try:
-        result = _train(cfg, d, run_dir, resume, out if d.main else distributed.quiet, name)
+        with contextlib.ExitStack() as held:  # the run directory's lock, for as long as training runs
+            result = _train(cfg, d, run_dir, resume, out if d.main else distributed.quiet, name, held)
         d.barrier()  # leave together: torchrun stops the other processes as soon as one has ended
         if d.world > 1:  # an FSDP model holds the process group, which must not outlive close()
             result.pop("model", None)
@@ -232,7 +233,7 @@ def train(
 
 
 def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: bool,
-           out: Callable[[str], None], name: str) -> dict[str, Any]:
+           out: Callable[[str], None], name: str, held: contextlib.ExitStack) -> dict[str, Any]:
     t, m = cfg.train, cfg.model
     device = d.device
     dtype = autocast_dtype(t.dtype, device)
@@ -241,6 +242,7 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
     random.seed(t.seed)
 
     run_dir = Path(run_dir) if run_dir is not None else d.from_main(new_run_dir(name) if d.main else None)
+    d.on_main(lambda: held.enter_context(checkpoint.run_lock(run_dir)))  # one trainer per run directory
     ckpt_path = run_dir / checkpoint.CHECKPOINT
     if resume:
         state: dict[str, Any] | None = checkpoint.load(ckpt_path)
