@@ -75,6 +75,28 @@ def test_parameter_formula_counts_the_built_model(shape, bias, tied):
     assert parameter_formula(cfg, vocab) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", [
+    {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},  # the default (Llama)
+    {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": True, "qk_norm": True},
+    {"pos": "learned", "norm": "rmsnorm", "mlp": "relu2", "bias": True},
+    {"pos": "rope", "norm": "layernorm", "mlp": "gelu", "bias": True, "mlp_hidden": 100},
+    {"pos": "learned", "norm": "layernorm", "mlp": "swiglu", "bias": False, "qk_norm": True, "mlp_hidden": 96},
+])
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_formula_counts_every_architecture(arch, tied):
+    from tinylm.config import ModelConfig
+    from tinylm.explain import formula_text
+
+    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=40, tie_embeddings=tied, **arch)
+    with torch.device("meta"):
+        model = GPT(cfg, 300)
+    assert parameter_formula(cfg, 300) == sum(p.numel() for p in model.parameters())
+    # The text is the same formula: evaluate it with this model's numbers.
+    text = formula_text(cfg)[0].removeprefix("P = ").split(", with")[0]
+    names = {"V": 300, "T": 40, "C": 64, "L": 3, "H": model.blocks[0].mlp.proj.in_features, "hs": 16}
+    assert eval(text.replace("^", "**"), {}, names) == parameter_formula(cfg, 300)
+
+
 def test_parameter_formula_gives_gpt2_small_and_xl():
     assert parameter_formula(GPT2_SMALL, GPT2_VOCAB) == 124_439_808
     assert parameter_formula(GPT2_XL, GPT2_VOCAB) == 1_557_611_200  # the seed's "GPT-2 -> 1.5B parameters"

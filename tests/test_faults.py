@@ -240,3 +240,21 @@ def test_a_disk_that_refuses_the_checkpoint_keeps_the_previous_one(workdir, refe
     proc = Proc(["--resume", "diskfull", *TINY, *more], workdir)  # space again: the run goes on
     assert proc.finish() == 0, proc.stderr
     assert checkpoint_step(run) == STEPS + 2 * EVERY
+
+
+def test_a_tensorboard_log_that_cannot_be_written_does_not_stop_training(workdir, reference):
+    """The event file hits a file-size limit (as on a full disk) that the checkpoint stays under: one
+    warning, training and its checkpoints go on, and the log written so far still reads."""
+    limit = 2 * (workdir / "reference" / checkpoint.CHECKPOINT).stat().st_size
+    # An evaluation (histograms of every tensor, a sample) at every step makes the event file outgrow the limit.
+    proc = Proc(train_args("tbfull") + ["--train.eval_interval=1"], workdir, file_size_limit=limit)
+    assert proc.finish() == 0, proc.stderr
+    warnings = [line for line in proc.out if "TensorBoard log could not be written" in line]
+    assert warnings == ["warning: the TensorBoard log could not be written (File too large); training goes on "
+                        "without it, and checkpoints are still saved\n"]
+    assert "Traceback" not in proc.stderr and f"done: {STEPS} steps" in proc.stdout
+    assert checkpoint_step(workdir / "tbfull") == STEPS
+    (events,) = (workdir / "tbfull").glob("events.out.tfevents.*")
+    assert events.stat().st_size <= limit
+    logged = [s for s, _ in losses(workdir / "tbfull")]
+    assert logged == list(range(1, len(logged) + 1)) and 0 < len(logged) < STEPS  # what was written before the limit

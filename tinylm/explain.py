@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tinylm.config import Config, ModelConfig
 from tinylm.errors import UserError
-from tinylm.model import GPT, ParamRow, format_parameter_table, parameter_summary, parameter_table
+from tinylm.model import GPT, ParamRow, format_parameter_table, mlp_width, parameter_summary, parameter_table
 
 # ---------------------------------------------------------------- 1. one neuron
 
@@ -212,24 +212,54 @@ GPT2_XL = gpt2_config(n_layer=48, n_head=25, n_embd=1600, block_size=1024)
 
 
 def parameter_formula(cfg: ModelConfig, vocab_size: int) -> int:
-    """The parameter count of tinylm's GPT with GPT-2's architecture (see gpt2_config), in closed form
-    (V vocab, T context, C width, L layers).
+    """The parameter count of tinylm's GPT in closed form, for any of its architecture options
+    (V vocab, T context, C width, L layers, H the MLP's hidden width, hs = C / n_head).
 
-    token embeddings V*C, positions T*C; per block: attention qkv 3C^2 and proj C^2, MLP fc 4C^2 and
-    proj 4C^2, two LayerNorm gains 2C, and with biases 3C + C + 4C + C + 2C = 11C more; the final
-    LayerNorm C (+ C bias); an untied output head another V*C.
+    token embeddings V*C, learned positions T*C (rotary ones have none); per block: attention qkv 3C^2 and
+    proj C^2, an MLP of fc C*H (2*C*H for SwiGLU's gate and up) and proj H*C, two norms of C gains each,
+    QK-norm 2*hs; the final norm C; with biases every Linear adds one per output and a LayerNorm one
+    per channel; an untied output head another V*C. GPT-2 (H = 4C, biases) makes a block 12C^2 + 13C.
     """
-    V, T, C, L = vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer
-    per_block = 12 * C * C + (13 * C if cfg.bias else 2 * C)
-    final_norm = 2 * C if cfg.bias else C
-    head = 0 if cfg.tie_embeddings else V * C
-    return V * C + T * C + L * per_block + final_norm + head
+    V, T, C, L, H = vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer, mlp_width(cfg)
+    fc_out = 2 * H if cfg.mlp == "swiglu" else H
+    norm = 2 * C if cfg.norm == "layernorm" and cfg.bias else C
+    block = 4 * C * C + (fc_out + H) * C + 2 * norm + (2 * (C // cfg.n_head) if cfg.qk_norm else 0)
+    if cfg.bias:
+        block += 4 * C + fc_out + C  # qkv 3C and proj C; the MLP's fc and proj
+    positions = T * C if cfg.pos == "learned" else 0
+    return V * C + positions + L * block + norm + (0 if cfg.tie_embeddings else V * C)
 
 
-def formula_text(cfg: ModelConfig) -> str:
-    block = "12*C^2 + 13*C" if cfg.bias else "12*C^2 + 2*C"
-    return (f"P = V*C + T*C + L*({block}) + {'2*C' if cfg.bias else 'C'}"
-            + ("" if cfg.tie_embeddings else " + V*C"))
+def formula_text(cfg: ModelConfig) -> tuple[str, str]:
+    """The formula for this architecture, and its per-block terms spelled out."""
+    C, H = cfg.n_embd, mlp_width(cfg)
+    up = 2 if cfg.mlp == "swiglu" else 1  # fc's outputs per hidden unit
+    norm_c = 2 if cfg.norm == "layernorm" and cfg.bias else 1
+    c2, ch, h, c = 4, 0, 0, 2 * norm_c  # coefficients of C^2, C*H, H and C in one block
+    if H == 4 * C:
+        c2 += 4 * (up + 1)
+    else:
+        ch = up + 1
+    if cfg.bias:
+        c += 4 + 1
+        if H == 4 * C:
+            c += 4 * up
+        else:
+            h = up
+    terms = [f"{c2}*C^2", f"{ch}*C*H" if ch else "", f"{h}*H" if h else "", f"{c}*C", "2*hs" if cfg.qk_norm else ""]
+    formula = ("P = V*C" + (" + T*C" if cfg.pos == "learned" else "") + f" + L*({' + '.join(t for t in terms if t)})"
+               + f" + {'2*C' if norm_c == 2 else 'C'}" + ("" if cfg.tie_embeddings else " + V*C"))
+    if H != 4 * C:
+        formula += f", with H = {H} (the MLP's width)"
+    if H == 4 * C:
+        fc, proj, mlp = f"{4 * up}*C^2", "4*C^2", f"{4 * (up + 1)}*C^2"
+    else:
+        fc, proj, mlp = (f"{up}*C*H" if up > 1 else "C*H"), "H*C", f"{up + 1}*C*H"
+    per_block = (f"per block: attention 4*C^2 (qkv 3*C^2, proj C^2), MLP {mlp} (fc {fc}"
+                 + (": gate and up" if up == 2 else "") + f", proj {proj}), norms 2*C"
+                 + (", QK-norm 2*hs" if cfg.qk_norm else "")
+                 + (f", biases {c - 2}*C" + (f" + {h}*H" if h else "") if cfg.bias else ""))
+    return formula, per_block
 
 
 # What each layer does, by the end of its name: (its title, what its weights do). Biases and norm gains
@@ -307,9 +337,9 @@ def section_parameters(model: GPT, title: str, out: Callable[[str], None]) -> No
         out(f"  Weights {s['weights']:,} and biases {s['biases']:,}: the primer's \"parameters = weights + biases\".")
     out("")
     total, formula = s["total"], parameter_formula(cfg, vocab)
-    out(f"  The count in closed form (V vocabulary, T context, C width, L layers): {formula_text(cfg)}")
-    out("    per block: attention 4*C^2 (qkv 3*C^2, proj C^2), MLP 8*C^2 (fc and proj 4*C^2 each), norms 2*C"
-        + (", biases 11*C" if cfg.bias else ""))
+    formula_line, per_block = formula_text(cfg)
+    out(f"  The count in closed form (V vocabulary, T context, C width, L layers): {formula_line}")
+    out(f"    {per_block}")
     out(f"    {'':<14}{'layers':>7}{'width':>7}{'context':>8}{'vocab':>8}{'parameters':>16}")
     models = [("this model", cfg, vocab), ("GPT-2 small", GPT2_SMALL, GPT2_VOCAB), ("GPT-2 XL", GPT2_XL, GPT2_VOCAB)]
     for label, c, v in models:
@@ -317,8 +347,9 @@ def section_parameters(model: GPT, title: str, out: Callable[[str], None]) -> No
                 "GPT-2 XL": "the primer's \"GPT-2 -> 1.5B parameters\""}.get(label, "")
         count = parameter_formula(c, v)
         out(f"    {label:<14}{c.n_layer:>7}{c.n_embd:>7}{c.block_size:>8}{v:>8,}{count:>16,}  {note}".rstrip())
-    if formula != total:
-        out(f"    (this recipe's architecture options differ from GPT-2's, so its count is the table's: {total:,})")
+    gpt2_formula = formula_text(GPT2_SMALL)[0]
+    if formula_line != gpt2_formula:  # the GPT-2 rows count GPT-2's own architecture
+        out(f"    (the GPT-2 rows by GPT-2's architecture: {gpt2_formula})")
 
 
 # ---------------------------------------------------------------- 4. one real optimizer step

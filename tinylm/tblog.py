@@ -11,12 +11,16 @@
   and the one host sync it needs are paid only at the log interval.
 * `log_embeddings` at the end: the token embedding matrix for TensorBoard's projector, each row
   labelled with its token's text, so the seed's "cat is near dog" can be looked at in 3-D.
+
+`TolerantWriter` wraps the run's SummaryWriter so that a log that cannot be written (a full disk) costs
+one warning, not the run.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import threading
+from typing import Any, Callable
 
 import torch
 
@@ -90,3 +94,61 @@ def log_embeddings(writer, model: torch.nn.Module, tokenizer, step: int) -> None
     labels = [token_label(tokenizer, i) for i in range(n)]
     # The projector reads a text file: five decimals keep cosine similarities and make it 2.5x smaller.
     writer.add_embedding(emb[:n].double().round(decimals=5), metadata=labels, global_step=step, tag="tok_emb")
+
+
+class TolerantWriter:
+    """A SummaryWriter (made by `make`) whose failures to write do not stop training.
+
+    The TensorBoard log is a view of the run, not the run: if writing it fails (a full disk, a quota,
+    a file-size limit), `say` gets one warning and logging stops, while training and its checkpoints
+    (which handle a full disk themselves, keeping the last good one) go on. TensorBoard writes from a
+    background thread, so a failure surfaces at a later call: every call is guarded.
+    """
+
+    def __init__(self, make: Callable[[], Any], say: Callable[[str], None]):
+        self.say, self.writer, self.failed = say, None, False
+        quiet_writer_thread_errors()
+        self.writer = self._guard(make)
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        if self.failed:
+            return None
+        try:
+            return fn()
+        except OSError as e:
+            self.failed = True
+            self.say(f"warning: the TensorBoard log could not be written ({e.strerror or e}); "
+                     "training goes on without it, and checkpoints are still saved")
+            return None
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda *args, **kwargs: self._guard(lambda: getattr(self.writer, name)(*args, **kwargs))
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        if not self.failed:
+            self._guard(self.writer.close)  # the last flush can be the first write to fail
+            return
+        try:
+            self.writer.close()  # release the file; its error was reported already
+        except OSError:
+            pass
+
+
+def quiet_writer_thread_errors() -> None:
+    """Keep Python from printing a traceback when TensorBoard's background writer thread fails to write.
+
+    That thread stores its error for the writer's next call (where TolerantWriter reports it in one line)
+    and then re-raises it, which Python's default thread hook prints. Other threads' errors, and other
+    errors of that thread, are printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "tinylm_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.tinylm_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

@@ -310,14 +310,14 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
     )
 
     # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
-    writer = (_writer(run_dir, cfg, table, summary, purge_step=step + 1 if state is not None else None)
+    say = tqdm.write if out is print else out  # lines printed while the progress bar is on screen
+    writer = (tblog.TolerantWriter(lambda: _writer(run_dir, cfg, table, summary, purge_step=step + 1 if state is not None else None), say)
               if d.main else distributed.NullWriter())
     # Weight/bias histograms, update ratios and the projector read whole tensors: rank 0 only, and not
     # under FSDP, where each process holds a shard (the scalars and text are still logged).
     inspect = d.main and d.strategy != "fsdp"
     if inspect:
         tblog.watch_updates(optimizer, model, writer, lambda: step + 1, t.log_interval)  # update/weight ratios
-    say = tqdm.write if out is print else out  # lines printed while the progress bar is on screen
     saver = checkpoint.Saver(ckpt_path, state["step"] if state is not None else None, say)
     blowup = guard.BlowUpGuard(t.max_bad_steps, device, optimizer, say)
     poisoned = guard.injected_nan_steps()
