@@ -56,3 +56,21 @@ def test_run_prints_the_table_and_writes_json(tmp_path):
     assert results["recipes"]["baseline"]["model"]["pos"] == "learned"
     bad = subprocess.run([*args[:3], "--corpus", str(tmp_path / "missing.txt")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "corpus not found" in bad.stderr
+
+
+def test_the_cpu_shakespeare_config_is_the_benchmarked_600s_model():
+    """configs/shakespeare_char_cpu.yaml promises the loss the benchmark measured for its 600 s budget:
+    it must be that model (the default recipe at the benchmark's 600 s shape) with that time limit."""
+    from benchmarks.run import LOSS_SHAPES, shape_for
+    from tinylm import config as config_
+
+    cfg = config_.load(ROOT / "configs" / "shakespeare_char_cpu.yaml")
+    shape = shape_for(LOSS_SHAPES, 600)
+    field = lambda c, key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1])  # noqa: E731
+    assert {key: field(cfg, key) for key in shape} == shape
+    assert cfg.train.max_time == 600 and cfg.data.tokenizer == "char"
+    tuned = recipe("tuned", ROOT / "README.md", "unused")  # the recipe's settings other than shape and data
+    for section in ("model", "train"):
+        for key, value in vars(getattr(tuned, section)).items():
+            if f"{section}.{key}" not in shape and key not in ("max_steps", "max_time", "eval_interval", "eval_batches", "sample_tokens"):
+                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
