@@ -45,6 +45,7 @@ def tiny_config(tmp_path: Path, paths: list, **sections) -> Config:
     cfg.data.paths = [str(p) for p in paths]
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size = 1, 2, 32, 32
+    cfg.model.dropout = 0.0  # deterministic forward passes; tests that need dropout set it
     t = cfg.train
     t.batch_size, t.max_steps, t.max_time, t.warmup_steps = 16, 40, 0, 5
     t.eval_interval, t.eval_batches, t.log_interval, t.sample_tokens = 20, 4, 5, 20

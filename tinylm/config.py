@@ -29,7 +29,7 @@ class ModelConfig:
     n_embd: int = 256  # width of every token vector (the "embedding size")
     block_size: int = 128  # context length: how many tokens the model sees at once
     bias: bool = False  # biases in Linear and LayerNorm layers (the "b" in y = w*x + b); off: faster, as good
-    dropout: float = 0.0
+    dropout: float = 0.1  # regularises small corpora (the built-in one: val 4.79 instead of 5.27 in 180 s)
     tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2 does)
     # Architecture switches. GPT-2 is learned/layernorm/gelu with biases; Llama (the default) is
     # rope/rmsnorm/swiglu without biases. benchmarks/ measures each.
