@@ -1,5 +1,5 @@
 """What every benchmark shares: the two recipes, the machine's matrix peak, FLOP counts, a trainer
-stepped exactly like `tinylm.train`'s loop, and the loss over the whole validation split.
+stepped as `tinylm.train`'s loop steps (without its logging, checkpoints and blow-up guard), and the loss over the whole validation split.
 
 Nothing here prints; `benchmarks/run.py` runs the benchmarks and prints their table.
 """
@@ -95,7 +95,7 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
 
 @dataclass
 class Trainer:
-    """A recipe's model, optimizer and batches; `step` does what one iteration of tinylm.train does.
+    """A recipe's model, optimizer and batches; `step` is one iteration of tinylm.train's arithmetic.
 
     `foreach_adamw=True` swaps in torch's default (multi-tensor, unfused) AdamW: what nanoGPT uses on a
     CPU, for the baseline and to measure the fused optimizer as a lever.

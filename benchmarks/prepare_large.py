@@ -36,9 +36,11 @@ def vocabulary():
     from pydoc_data.topics import topics
 
     text = "\n".join(topics.values())
-    shakespeare = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if shakespeare.is_file():
-        text += shakespeare.read_text()
+    for shared in (ROOT.parent, ROOT.parents[1]):  # shared/ beside the repository, or beside a worktree's parent
+        shakespeare = shared / "shared" / "data" / "tinyshakespeare.txt"
+        if shakespeare.is_file():
+            text += shakespeare.read_text()
+            break
     counts = collections.Counter(re.findall(r"[A-Za-z']+|[0-9]+|[.,;:!?()\"-]", text))
     p = np.array(list(counts.values()), dtype=np.float64)
     return np.array(list(counts), dtype=object), p / p.sum()

@@ -24,7 +24,8 @@ def test_flops_per_token_by_hand(tmp_path):
 def test_full_validation_loss_covers_every_window(tmp_path):
     (tmp_path / "c.txt").write_text(markov_text(20_000))
     cfg = recipe("tuned", tmp_path / "c.txt", str(tmp_path / "cache"),
-                 {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16, "train.device": "cpu"})
+                 {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16, "train.device": "cpu",
+                  "train.dtype": "float32"})  # the reference loop below runs in float32 too
     from tinylm.data import prepare
 
     tr = Trainer(cfg, prepare(cfg.data))

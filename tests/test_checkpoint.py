@@ -147,7 +147,7 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path):
     with pytest.raises(UserError, match="split has .* fewer than one training window"):
         train(cfg, run_dir=tmp_path / "fresh", out=lambda s: None)
     assert not (tmp_path / "fresh").exists()
-    (tmp_path / "kept").mkdir()  # a folder that was there before is left as it was
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, with only the (released) lock file
     with pytest.raises(UserError):
         train(cfg, run_dir=tmp_path / "kept", out=lambda s: None)
-    assert (tmp_path / "kept").is_dir()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [checkpoint.LOCK]

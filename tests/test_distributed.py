@@ -125,7 +125,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     work = runs["work"]
     loss, weights, moments = max_differences(work / "two", work / "one")
     print(f"2 processes x 1 micro-batch vs 1 process x 2: max |train loss diff| {loss:.2e}, "
-          f"max |weight diff| {weights:.2e}, max |AdamW state diff| {moments:.2e}")
+          f"max |weight diff| {weights:.2e}, max |optimizer state diff| {moments:.2e}")
     assert loss < TOLERANCE and weights < TOLERANCE and moments < TOLERANCE
     # Evaluation is shared out (3 batches over 2 processes) and averaged: the same figure as one process's.
     for (s1, v1), (s2, v2) in zip(scalars(work / "one", "val/loss"), scalars(work / "two", "val/loss")):
@@ -150,7 +150,7 @@ def test_resume_across_a_change_in_the_number_of_processes(runs):
     for name in ("two_then_one", "one_then_two_fsdp"):
         loss, weights, moments = max_differences(work / name, work / "one_then_one")
         print(f"{name} vs one process throughout: max |train loss diff| {loss:.2e}, "
-              f"max |weight diff| {weights:.2e}, max |AdamW state diff| {moments:.2e}")
+              f"max |weight diff| {weights:.2e}, max |optimizer state diff| {moments:.2e}")
         assert loss < TOLERANCE and weights < TOLERANCE and moments < TOLERANCE
     # What FSDP saved is an ordinary checkpoint: a single process samples from it.
     _, _, model, state = checkpoint.load_run(work / "one_then_two_fsdp")

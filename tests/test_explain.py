@@ -64,6 +64,25 @@ def test_activation_slopes_match_their_formulas():
     assert grad == [approx(probs[0] - 1), approx(probs[1]), approx(probs[2])]  # p - one_hot(target)
 
 
+@pytest.mark.parametrize("mlp, name, formula", [
+    ("swiglu", "SiLU (in SwiGLU)", lambda x: x / (1 + math.exp(-x))),
+    ("gelu", "GELU", lambda x: 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))),
+    ("relu2", "ReLU squared", lambda x: max(x, 0.0) ** 2),
+])
+def test_the_models_own_activation_is_shown_with_its_values(mlp, name, formula):
+    from tinylm.config import ModelConfig
+    from tinylm.explain import POINTS, section_activations
+
+    with torch.device("meta"):
+        model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, mlp=mlp), 20)
+    lines: list[str] = []
+    section_activations(model, lines.append)
+    (row,) = [line for line in lines if line.strip().startswith(f"{name} (this model)")]
+    values = [float(v) for v in row.split()[-len(POINTS):]]
+    assert values == [pytest.approx(formula(x), abs=1e-3) for x in POINTS]
+    assert any(line.strip().startswith(f"{name}: between the two weight matrices") for line in lines)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 8, 4, 11), (2, 2, 32, 16, 50), (3, 4, 64, 40, 300), (5, 3, 48, 7, 1000)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tied", [True, False])

@@ -174,10 +174,6 @@ def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):
 
 from tinylm.config import ModelConfig  # noqa: E402
 
-needs_switches = pytest.mark.skipif(
-    not hasattr(ModelConfig(), "pos"),
-    reason="the architecture switches (model.pos/norm/mlp/qk_norm) are not in this tree yet",
-)
 LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
 
 
@@ -190,7 +186,6 @@ def short_run(tmp: Path, model: dict) -> Path:
     return Path(train(cfg, run_dir=tmp / "run", out=quiet)["run_dir"])
 
 
-@needs_switches
 @pytest.mark.parametrize("extra", [{"tie_embeddings": False}, {"bias": True, "rope_theta": 500.0}], ids=["untied", "biases"])
 def test_llama_style_model_exports_as_llama(tmp_path, extra):
     run_dir = short_run(tmp_path, {**LLAMA, **extra})
@@ -208,7 +203,6 @@ def test_llama_style_model_exports_as_llama(tmp_path, extra):
     assert theirs[0, len(prompt):].tolist() == list(generate(model, prompt, 25, temperature=0))
 
 
-@needs_switches
 @pytest.mark.parametrize("model,reason", [
     ({"mlp": "relu2"}, "model.mlp=relu2 (ReLU squared) exists in neither"),
     ({**LLAMA, "qk_norm": True}, "model.qk_norm=true"),
@@ -222,7 +216,6 @@ def test_what_neither_architecture_expresses_is_refused(model, reason):
         architecture(ModelConfig(**model))
 
 
-@needs_switches
 def test_refused_export_writes_nothing(tmp_path, capsys):
     from tinylm.cli import main
 

@@ -254,7 +254,5 @@ def test_a_tensorboard_log_that_cannot_be_written_does_not_stop_training(workdir
                         "without it, and checkpoints are still saved\n"]
     assert "Traceback" not in proc.stderr and f"done: {STEPS} steps" in proc.stdout
     assert checkpoint_step(workdir / "tbfull") == STEPS
-    (events,) = (workdir / "tbfull").glob("events.out.tfevents.*")
-    assert events.stat().st_size <= limit
     logged = [s for s, _ in losses(workdir / "tbfull")]
     assert logged == list(range(1, len(logged) + 1)) and 0 < len(logged) < STEPS  # what was written before the limit

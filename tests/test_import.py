@@ -28,10 +28,10 @@ transformers = pytest.importorskip("transformers", reason="the hf extra: pip ins
 TEXT = "The cat sat on the mat. The dog sat on the log. A bird sang in the tree.\n" * 200
 
 
-def random_gpt2(vocab_size: int, eot_id: int, tie: bool = True) -> torch.nn.Module:
+def random_gpt2(vocab_size: int, eot_id: int, tie: bool = True, **config_fields) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                     bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=tie)
+                                     bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=tie, **config_fields)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # biases start at zero and norm gains at one: make every tensor count
         for name, p in model.named_parameters():
@@ -68,9 +68,10 @@ def test_random_gpt2_imports_with_equal_logits(gpt2_folder):
 
 def test_untied_bare_gpt2model_keys_pytorch_bin_and_vocab_merges(tmp_path):
     """The layout of the original GPT-2 upload: no "transformer." prefix, pytorch_model.bin, vocab.json
-    and merges.txt instead of tokenizer.json; and here an untied head as well."""
+    and merges.txt instead of tokenizer.json; and here an untied head, an MLP not 4 x n_embd wide and
+    another LayerNorm epsilon as well."""
     tok = train_bpe([TEXT], 320)
-    reference = random_gpt2(tok.vocab_size, tok.eot_id, tie=False)
+    reference = random_gpt2(tok.vocab_size, tok.eot_id, tie=False, n_inner=96, layer_norm_epsilon=1e-6)
     folder = tmp_path / "old"
     folder.mkdir()
     state = {k.removeprefix("transformer."): v.clone() for k, v in reference.state_dict().items()}
@@ -82,7 +83,7 @@ def test_untied_bare_gpt2model_keys_pytorch_bin_and_vocab_merges(tmp_path):
         expected = reference(ids).logits
     assert (tinylm_logits(folder, ids) - expected).abs().max().item() < 1e-4
     pre = read_pretrained(folder)
-    assert not pre.model.tie_embeddings
+    assert not pre.model.tie_embeddings and pre.model.mlp_hidden == 96 and pre.model.norm_eps == 1e-6
     sample = "The bird sat on the log.<|endoftext|>A cat"
     assert pre.tokenizer.encode(sample) == tok.encode(sample)
 
@@ -147,8 +148,7 @@ def test_init_from_a_missing_folder_is_one_line(tmp_path):
 def test_non_gpt2_folders_are_refused_with_the_reason(gpt2_folder, tmp_path):
     folder, _ = gpt2_folder
     for change, message in (({"model_type": "llama"}, "only GPT-2 checkpoints"),
-                            ({"activation_function": "relu"}, "GELU's tanh form"),
-                            ({"n_inner": 100}, "4 x n_embd = 128")):
+                            ({"activation_function": "relu"}, "GELU's tanh form")):
         bad = tmp_path / "bad"
         bad.mkdir(exist_ok=True)
         config = {**json.loads((folder / "config.json").read_text()), **change}

@@ -190,7 +190,7 @@ def test_llama_options_equal_hugging_face_llama(bias):
         vocab_size=50, hidden_size=C, intermediate_size=H, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attention_bias=bias, mlp_bias=bias,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,  # accepted by transformers 4.x and 5.x alike
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     sd = ours.state_dict()

@@ -210,13 +210,18 @@ def dataset_documents(ds, cfg: DataConfig, source: str) -> Iterator[Document]:
     import datasets
 
     def failed(e: Exception) -> UserError:  # datasets raises many kinds; the first line says what went wrong
-        return UserError(f"cannot read {source} as a dataset: {str(e).strip().splitlines()[0]}")
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return UserError(f"cannot read {source} as a dataset: {first_line}")
 
     try:
         columns = ds.features
         if columns is None:  # a streamed CSV: the column types show in its first rows
-            first = next(iter(ds.iter(batch_size=1)))
+            first = next(iter(ds.iter(batch_size=1)), None)
+            if first is None:
+                raise UserError(f"{source} holds no text")
             columns = {k: datasets.Value("string") if isinstance(v[0], str) else None for k, v in first.items()}
+    except UserError:
+        raise
     except Exception as e:
         raise failed(e) from None
     column = _text_column(columns, cfg.text_column, source)
@@ -293,13 +298,15 @@ def hub_unreachable() -> str | None:
     """Why the Hub cannot be reached, or None. Offline, `datasets` would retry for half a minute and
     print a warning per attempt; one quick connection says the same at once. Skipped in offline mode
     (HF_HUB_OFFLINE=1 loads what `datasets` has cached) and behind a proxy (the probe would go direct)."""
-    import socket
+    import urllib.request
     from urllib.parse import urlparse
 
-    if any(os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
-                                       "ALL_PROXY", "all_proxy")):
-        return None
+    import datasets
     from huggingface_hub import constants
+
+    proxies = urllib.request.getproxies()  # the environment's, as urllib and requests read them
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE or proxies.get("https") or proxies.get("all"):
+        return None
 
     url = urlparse(constants.ENDPOINT)
     try:
@@ -710,15 +717,16 @@ def build(cfg: DataConfig, out: Path, tokenizer: TextTokenizer | None = None) ->
         tok = train_tokenizer(bpe_sample(cfg, cut, corpus), "bpe", cfg.vocab_size)
     dtype = storage_dtype(tok.vocab_size)
     try:
-        tok.save(out / "tokenizer.json")  # tokenizers raises a bare Exception when it cannot write
+        tok.save(out / "tokenizer.json")
+    except Exception as e:  # tokenizers raises a bare Exception when it cannot write
+        raise _cache_error(out.parent, e) from None
+    try:
         files = TokenFiles(out, dtype)
         try:
             encode(tok, split_stream(iter_documents(cfg), cut), files)
         finally:
             files.close()
-    except UserError:
-        raise
-    except Exception as e:
+    except OSError as e:  # only writing can fail here: reading the corpus raises UserErrors of its own
         raise _cache_error(out.parent, e) from None
     if sum(files.chars) != corpus.chars:  # a file edited while it was being read
         raise UserError("the corpus changed while it was being prepared; prepare it again")

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -107,13 +108,20 @@ def _transfer(url: str, part: Path, label: str) -> None:
             have = 0  # the server sent the whole file: start the part afresh
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length else None
-        part.parent.mkdir(parents=True, exist_ok=True)  # only now: an unreachable server leaves nothing behind
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
+        try:  # a local failure (unwritable folder, full disk) is no dropped connection: no retry
+            part.parent.mkdir(parents=True, exist_ok=True)  # only now: an unreachable server leaves nothing behind
+            f = open(part, "ab" if resumed else "wb")
+        except OSError as e:
+            raise UserError(f"cannot write {part}: {e.strerror or e}") from None
+        with f, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
             file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
         ) as bar:
             while block := resp.read(1 << 16):
-                f.write(block)
+                try:
+                    f.write(block)
+                except OSError as e:
+                    raise UserError(f"cannot write {part}: {e.strerror or e} (run the command again to resume)") from None
                 bar.update(len(block))
         if total is not None and part.stat().st_size < total:
             raise ConnectionError(f"connection closed after {part.stat().st_size:,} of {total:,} bytes")
@@ -158,9 +166,9 @@ def _extract(archive: Path, member: str, target: Path) -> None:
         with zipfile.ZipFile(archive) as z, z.open(member) as src, open(tmp, "wb") as dst:
             while block := src.read(1 << 20):
                 dst.write(block)
-    except (zipfile.BadZipFile, KeyError) as e:
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot extract {member} from {archive}: {e}") from None
+        raise UserError(f"cannot extract {member} from {archive}: {getattr(e, 'strerror', None) or e}") from None
     os.replace(tmp, target)
 
 
@@ -169,6 +177,8 @@ def download(name: str, data_dir: str | Path = "data", mirror: str | None = None
     """Fetch corpus `name` into data_dir (files already there and verified are kept); return its files."""
     if name not in CORPORA:
         raise UserError(f"unknown corpus '{name}'; available: {', '.join(CORPORA)} (tinylm download --list)")
+    if mirror and urllib.parse.urlparse(mirror).scheme not in ("http", "https"):
+        raise UserError(f"--mirror {mirror!r} is not an http:// or https:// address")
     corpus = CORPORA[name]
     data_dir = Path(data_dir)
     targets = []

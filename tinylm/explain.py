@@ -156,37 +156,33 @@ def softmax_example(scores=(2.0, 1.0, 0.1), target: int = 0) -> tuple[list[float
     return torch.softmax(s, dim=-1)[0].tolist(), grad[0].tolist()
 
 
-def model_activations(model: nn.Module) -> list[nn.Module]:
-    """The activation modules (torch.nn's GELU, ReLU, SiLU, ...) the model holds, one of each kind."""
-    found: dict[str, nn.Module] = {}
-    for m in model.modules():
-        if type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention):
-            found.setdefault(repr(m), m)
-    return list(found.values())
+# The MLP's activation for each model.mlp (model.py applies it in MLP.forward), as a function of x.
+MLP_ACTIVATIONS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor], str]] = {
+    "gelu": ("GELU", lambda x: F.gelu(x, approximate="tanh"),
+             "GELU is a smooth ReLU: 0.5 x (1 + tanh(0.798 (x + 0.045 x^3))), about x * sigmoid(1.702 x)."),
+    "relu2": ("ReLU squared", lambda x: F.relu(x).square(), "ReLU squared is relu(x)^2: zero below 0, a parabola above."),
+    "swiglu": ("SiLU (in SwiGLU)", F.silu,
+               "SiLU is x * sigmoid(x); SwiGLU multiplies it, on one half of the MLP's first matrix, by the other half."),
+}
 
 
-def section_activations(model: nn.Module, out: Callable[[str], None]) -> None:
+def section_activations(model: GPT, out: Callable[[str], None]) -> None:
     out("2. ACTIVATION FUNCTIONS: the bend after y = w*x + b, values and slopes by torch.autograd")
-    in_model = model_activations(model)
-    rows = list(SEED_ACTIVATIONS.items()) + [(f"{type(m).__name__} (this model)", m) for m in in_model]
-    width = max(len(name) for name, _ in rows) + 2
+    name, fn, about = MLP_ACTIVATIONS[model.cfg.mlp]
+    rows = list(SEED_ACTIVATIONS.items()) + [(f"{name} (this model)", fn)]
+    width = max(len(label) for label, _ in rows) + 2
     out("  " + f"{'x':<{width}}" + "".join(f"{num(p):>8}" for p in POINTS))
-    for name, fn in rows:
-        values, slopes = values_and_slopes(fn)
-        out("  " + f"{name:<{width}}" + "".join(f"{v:>8.3f}" for v in values))
+    for label, f in rows:
+        values, slopes = values_and_slopes(f)
+        out("  " + f"{label:<{width}}" + "".join(f"{v:>8.3f}" for v in values))
         out("  " + f"{'  slope':<{width}}" + "".join(f"{v:>8.3f}" for v in slopes))
     probs, grad = softmax_example()
     out("  softmax turns scores into probabilities that add up to 1:")
     out(f"    softmax([2, 1, 0.1]) = [{', '.join(f'{p:.3f}' for p in probs)}]; the slope of the loss -log p[0]")
     out(f"    with respect to the scores is p - [1, 0, 0] = [{', '.join(f'{g:.3f}' for g in grad)}]")
     out("  Where they live in the model:")
-    if in_model:
-        names = ", ".join(repr(m) for m in in_model)
-        out(f"    {names}: between the two weight matrices of every block's MLP, the only bend there.")
-    else:
-        out("    the MLP's activation is applied in code (MLP.forward in tinylm/model.py), between its two matrices.")
-    if any(isinstance(m, nn.GELU) for m in in_model):
-        out("    GELU is a smooth ReLU, about x * sigmoid(1.702 x); its tanh form is 0.5 x (1 + tanh(0.798 (x + 0.045 x^3))).")
+    out(f"    {name}: between the two weight matrices of every block's MLP (MLP.forward in tinylm/model.py),")
+    out(f"    the only bend there. {about}")
     out("    Without a bend the stacked layers would collapse into one linear map, as the primer says.")
     out("    softmax: in every attention layer (how much each earlier token counts), in the loss (cross-entropy")
     out("    turns the output head's scores into next-token probabilities) and in sampling (tinylm sample).")
@@ -534,15 +530,18 @@ def section_neighbors(emb: torch.Tensor, tok, words: list[str], example: int, tr
 # ---------------------------------------------------------------- the lesson
 
 
-def _train_tokens(run_dir: Path, cfg: Config) -> tuple[np.ndarray, str]:
+def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
     """The token ids a run trained on: its data cache if still there, else prepared again from its config."""
     from tinylm.data import prepare
 
-    info = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
-    cache = Path(info.get("cache", ""))
+    try:
+        info = json.loads((run_dir / "data.json").read_text())
+    except (OSError, ValueError):  # missing or damaged: prepare the data again
+        info = {}
+    cache = Path(info.get("cache", "")) if isinstance(info, dict) else Path()
     if info and (cache / "train.bin").is_file():
         return np.memmap(cache / "train.bin", dtype=np.dtype(info["dtype"]), mode="r"), f"the run's training data ({cache})"
-    prep = prepare(cfg.data)
+    prep = prepare(cfg.data, tokenizer=tok)  # the run's own tokenizer (a fine-tuned GPT-2's, say), not a new one
     return prep.train, f"the run's training data ({prep.dir})"
 
 
@@ -570,7 +569,7 @@ def explain(run_dir: str | Path | None = None, neighbors: list[str] | None = Non
         cfg, tok, model, state = load_run(run_dir, "cpu")
         for w in neighbors:  # a bad word fails now, before the long output
             token_id(tok, w)
-        ids, source = _train_tokens(run_dir, cfg)
+        ids, source = _train_tokens(run_dir, cfg, tok)
         step, elapsed, optimizer_state = state.get("step", 0), state.get("elapsed", 0.0), state.get("optimizer")
         title = f"{run_dir}, trained {step:,} steps"
 

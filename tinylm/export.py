@@ -168,21 +168,23 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False,
     taken = [name for name in WRITTEN if (out_dir / name).exists()]
     if taken and not force:
         raise UserError(f"{out_dir} already holds an export ({taken[0]}); choose another folder or pass --force")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     vocab_size = state["vocab_size"]
     config, tensors = hf.to_hf(arch, cfg.model, model.state_dict(), vocab_size, tok.eot_id)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    for name, content in tokenizer_files(cfg.model.block_size).items():
-        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(
-        json.dumps(generation_config(tok.eot_id, cfg.model.block_size), indent=2) + "\n")
     data_json = run_dir / "data.json"
     data = json.loads(data_json.read_text()) if data_json.is_file() else {}
     n_params = parameter_summary(parameter_table(model))["total"]
-    (out_dir / "README.md").write_text(model_card(run_dir, out_dir, cfg, data, state, n_params, arch))
+    try:  # an OUT_DIR that is a file, unwritable, or on a full disk: one line
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        for name, content in tokenizer_files(cfg.model.block_size).items():
+            (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+        (out_dir / "generation_config.json").write_text(
+            json.dumps(generation_config(tok.eot_id, cfg.model.block_size), indent=2) + "\n")
+        (out_dir / "README.md").write_text(model_card(run_dir, out_dir, cfg, data, state, n_params, arch))
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out_dir}: {e.strerror or e}") from None
 
     out(f"exported {run_dir} as {hf.ARCHITECTURES[arch]} ({n_params:,} parameters) to {out_dir}")
     diff = check_with_transformers(out_dir, model, vocab_size)

@@ -46,7 +46,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: flo
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 in older torch fails to unshard under it
 def generate(
     model: GPT,
     prompt: list[int],

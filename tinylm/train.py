@@ -281,7 +281,11 @@ def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume:
 
     model = GPT(m, vocab_size)
     if pretrained is not None and state is None:
-        model.load_state_dict(pretrained.state_for(m))
+        try:
+            model.load_state_dict(pretrained.state_for(m))
+        except RuntimeError as e:  # tensors whose shapes config.json does not describe
+            raise UserError(f"the weights in {t.init_from} do not match its config.json: "
+                            f"{str(e).strip().splitlines()[-1].strip()}") from None
         out(f"initialised from {t.init_from}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}")
     rows = parameter_table(model)
     summary = parameter_summary(rows)
@@ -470,8 +474,8 @@ def _writer(run_dir: Path, cfg: Config, table: str, summary: dict[str, int], pur
     # TensorBoard reads a run's event files in name order, and a name starts with the second it was made
     # in (then host, pid, a counter): a resumed run's file made in its predecessor's second could sort first.
     made = [int(m.group(1)) for p in run_dir.glob("events.out.tfevents.*") if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", p.name))]
-    while made and time.time() < max(made) + 1:
-        time.sleep(0.05)
+    if made:  # at most a second: a file stamped in the future (a clock set back) must not hang the run
+        time.sleep(max(0.0, min(1.0, max(made) + 1 - time.time())))
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
     writer.add_text("parameters", table)
     writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
