@@ -5,17 +5,23 @@ and the byte-order mark cut between two reads, the train/val cut inside a piece,
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import markov_text, read_texts
 from tinylm import sources, tokens
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
 from tinylm.prepare import Prepared, prepare
-from tinylm.sources import clean, corpus_sources
+from tinylm.sources import clean, corpus_sources, read_text_file
 from tinylm.tokens import TRAIN, VAL, bpe_sample, split_stream, survey
 
 
@@ -90,6 +96,10 @@ def test_prepared_in_pieces_holds_the_ids_of_the_whole_text(tmp_path, tiny_piece
         (b"good line\nbad \xff byte", "is not valid UTF-8 (byte 14, line 2); convert it"),
         (b"a\n" * 20 + b"\xc3(" + b"b" * 30 + b"\x00", "looks like a binary file (NUL byte at offset 72), not text"),  # a NUL anywhere wins
         (b"\xef\xbb\xbfab\ncd\xe2\x82", "is not valid UTF-8 (byte 8, line 2); convert it"),  # the offset in the file, BOM included
+        ("text\n".encode("utf-16"), "is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to UTF-8$"),
+        (codecs.BOM_UTF16_BE + "text\n".encode("utf-16-be"), "is UTF-16 text"),
+        ("text\n".encode("utf-32"), "is UTF-32 text (it starts with a UTF-32 byte-order mark); convert it to UTF-8$"),
+        (codecs.BOM_UTF32_BE + "text\n".encode("utf-32-be"), "is UTF-32 text"),
     ],
 )
 def test_bad_files_are_the_same_one_line_errors_in_pieces(tmp_path, monkeypatch, read_bytes, content, message):
@@ -98,6 +108,34 @@ def test_bad_files_are_the_same_one_line_errors_in_pieces(tmp_path, monkeypatch,
     p.write_bytes(content)
     with pytest.raises(UserError, match=f"^{p} " + message.replace("(", r"\(").replace(")", r"\)")):
         read_texts(DataConfig(paths=[str(p)]))
+
+
+# Bytes that make decoding in pieces hard: line ends (a CRLF to cut), multi-byte characters, a character
+# cut short, bytes that are never UTF-8, a byte-order mark anywhere, text and blanks.
+AWKWARD = st.lists(st.sampled_from([b"a", b" ", b"\n", b"\r", b"\r\n", "é".encode(), "日".encode(), "😀".encode(),
+                                    b"\xe2\x82", b"\xff", codecs.BOM_UTF8]), max_size=20).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=AWKWARD, read_bytes=st.integers(1, 9), errors=st.sampled_from(["strict", "replace"]))
+def test_a_file_read_in_any_pieces_is_as_if_decoded_whole(raw, read_bytes, errors):
+    # The reference: Python's one-shot decode of the whole file, then `clean`; or where it fails, the
+    # position it fails at.
+    try:
+        expected, problem = clean(raw.decode("utf-8", errors=errors)), ""
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        expected, problem = "", f"is not valid UTF-8 (byte {e.start}, line {line})"
+    if not problem and (not expected or expected.isspace()):
+        problem = "holds only whitespace" if raw else "is empty"
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(sources, "READ_BYTES", read_bytes):
+        p = Path(folder) / "t.txt"
+        p.write_bytes(raw)
+        if problem:
+            with pytest.raises(UserError, match="^" + re.escape(f"{p} {problem}")):
+                "".join(read_text_file(p, errors))
+        else:
+            assert "".join(read_text_file(p, errors)) == expected
 
 
 def test_invalid_utf8_is_replaced_alike_in_pieces(tmp_path, tiny_pieces):
