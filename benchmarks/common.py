@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from tinylm import config as config_
+from tinylm.batches import get_batch
 from tinylm.config import Config
-from tinylm.data import Prepared, get_batch, prepare
 from tinylm.model import GPT, mlp_width
+from tinylm.prepare import Prepared, prepare
 from tinylm.train import autocast, autocast_dtype, learning_rate, make_optimizer, pick_device, progress
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from benchmarks.common import SHAPES, Trainer, flops_per_token, full_val_loss, recipe, shape_overrides, sync
-from tinylm.data import Prepared
+from tinylm.prepare import Prepared
 
 BF16 = {"train.dtype": "bfloat16"}
 LLAMA = {"model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu"}

@@ -1,4 +1,4 @@
-"""Benchmark: preparing corpora larger than memory (tinylm.data.prepare) against tokenizing alone.
+"""Benchmark: preparing corpora larger than memory (tinylm.prepare.prepare) against tokenizing alone.
 
     python benchmarks/prepare_large.py                       # 100 MB and 1 GB corpora, about 20 minutes on 2 cores
     python benchmarks/prepare_large.py --sizes 2e8 --datasets-map 5e7
@@ -66,11 +66,11 @@ def generate(path: Path, size: int, seed: int = 0) -> None:
 
 PREPARE = """
 import json, resource, sys, time
-from tinylm import data
 from tinylm.config import DataConfig
+from tinylm.prepare import prepare
 corpus, cache, vocab, sample = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(float(sys.argv[4]))
 t = time.perf_counter()
-prep = data.prepare(DataConfig(paths=[corpus], tokenizer="bpe", vocab_size=vocab, cache_dir=cache, tokenizer_sample_bytes=sample))
+prep = prepare(DataConfig(paths=[corpus], tokenizer="bpe", vocab_size=vocab, cache_dir=cache, tokenizer_sample_bytes=sample))
 print(json.dumps({"seconds": time.perf_counter() - t, "tokens": prep.meta["train_tokens"] + prep.meta["val_tokens"],
                   "tokenizer": str(prep.dir / "tokenizer.json"), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -78,7 +78,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "tokens": prep.meta["train
 ENCODE_ONLY = """
 import json, sys, time
 from tokenizers import Tokenizer
-from tinylm import data
+from tinylm.sources import read_text_file
+from tinylm.tokens import BATCH_CHARS, PIECE_CHARS, chunks
 corpus, tokenizer, limit = sys.argv[1], sys.argv[2], int(float(sys.argv[3]))
 tok = Tokenizer.from_file(tokenizer)
 batch, size, seconds, done = [], 0, 0.0, 0
@@ -87,11 +88,11 @@ def run():
     t = time.perf_counter()
     tok.encode_batch_fast(batch, add_special_tokens=False)
     seconds += time.perf_counter() - t
-for text in data.read_text_file(corpus):
-    for piece in data.chunks(text, data.PIECE_CHARS):
+for text in read_text_file(corpus):
+    for piece in chunks(text, PIECE_CHARS):
         batch.append(piece)
         size += len(piece)
-        if size >= data.BATCH_CHARS:
+        if size >= BATCH_CHARS:
             run(); done += size; batch, size = [], 0
     if done >= limit:
         break
@@ -103,15 +104,16 @@ DATASETS_MAP = """
 import json, os, resource, sys, time
 import numpy as np, datasets
 from tokenizers import Tokenizer
-from tinylm import data
+from tinylm.sources import read_text_file
+from tinylm.tokens import BATCH_CHARS, PIECE_CHARS, chunks
 corpus, tokenizer, limit, work = sys.argv[1], sys.argv[2], int(float(sys.argv[3])), sys.argv[4]
 datasets.disable_progress_bars()
 tok = Tokenizer.from_file(tokenizer)
 size = 0
 def pieces():
     global size
-    for text in data.read_text_file(corpus):
-        for piece in data.chunks(text, data.PIECE_CHARS):
+    for text in read_text_file(corpus):
+        for piece in chunks(text, PIECE_CHARS):
             yield {"text": piece}
             size += len(piece)
             if size >= limit:

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.common import Trainer, full_val_loss, sync
 from tinylm.config import Config
-from tinylm.data import Prepared
+from tinylm.prepare import Prepared
 from tinylm.generate import generate
 from tinylm.model import GPT
 

@@ -56,6 +56,13 @@ def tiny_config(tmp_path: Path, paths: list, **sections) -> Config:
     return cfg
 
 
+def read_texts(cfg, texts=None) -> list[str]:
+    """Each document of a configured corpus as one string, read as `prepare` reads it."""
+    from tinylm.sources import corpus_sources, iter_documents, pieces
+
+    return ["".join(pieces(doc)) for doc in iter_documents(corpus_sources(cfg, texts))]
+
+
 @pytest.fixture
 def markov_file(tmp_path: Path) -> Path:
     p = tmp_path / "markov.txt"

@@ -26,7 +26,7 @@ def test_full_validation_loss_covers_every_window(tmp_path):
     cfg = recipe("tuned", tmp_path / "c.txt", str(tmp_path / "cache"),
                  {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16, "train.device": "cpu",
                   "train.dtype": "float32"})  # the reference loop below runs in float32 too
-    from tinylm.data import prepare
+    from tinylm.prepare import prepare
 
     tr = Trainer(cfg, prepare(cfg.data))
     ids = torch.from_numpy(tr.prep.val.astype("int64"))

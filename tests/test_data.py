@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import markov_text
-from tinylm import data
+from conftest import markov_text, read_texts
+from tinylm.batches import check_window, get_batch
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
+from tinylm.prepare import fingerprint, prepare
+from tinylm.sources import builtin_corpus, corpus_sources
 from tinylm.tokenizer import train_bpe
+from tinylm.tokens import TRAIN, VAL, chunks, split_stream, storage_dtype
 
 
 def cfg_for(tmp_path, paths, **kw) -> DataConfig:
@@ -19,48 +22,60 @@ def cfg_for(tmp_path, paths, **kw) -> DataConfig:
 def test_bom_and_line_endings_are_normalised(tmp_path):
     p = tmp_path / "a.txt"
     p.write_bytes("\ufeffone\r\ntwo\rthree\n".encode("utf-8"))
-    (doc,) = data.read_documents(cfg_for(tmp_path, [p]))
-    assert doc.text == "one\ntwo\nthree\n"
+    assert read_texts(cfg_for(tmp_path, [p])) == ["one\ntwo\nthree\n"]
 
 
 def test_builtin_corpus_is_pydoc_reference_text():
-    doc = data.builtin_corpus()
-    assert 400_000 < len(doc.text.encode()) < 600_000
-    assert "assert" in doc.text and "\r" not in doc.text
+    text = builtin_corpus()
+    assert 400_000 < len(text.encode()) < 600_000
+    assert "assert" in text and "\r" not in text
 
 
-def test_split_is_deterministic_and_sized():
-    docs = [data.Document("a", "".join(f"line {i}\n" for i in range(1000)))]
-    train, val = data.split(docs, 0.1)
-    assert (train, val) == data.split(docs, 0.1)
-    assert "".join(train) + "".join(val) == docs[0].text
-    assert val[0].startswith("line ") and abs(len(val[0]) / len(docs[0].text) - 0.1) < 0.01
+def test_split_cuts_at_the_last_line_end_before_the_cut():
+    text = "".join(f"line {i}\n" for i in range(1000))
+    cut = round(len(text) * 0.9)
+    events = list(split_stream([text], cut))
+    train = "".join(t for side, t in events if side == TRAIN and t)
+    val = "".join(t for side, t in events if side == VAL and t)
+    assert train + val == text and len(train) == text.rfind("\n", 0, cut) + 1 != cut
+    assert val.startswith("line 9") and abs(len(val) / len(text) - 0.1) < 0.01
+    assert [e for e in events if e[1] is None] == [(TRAIN, None), (VAL, None)]
 
 
-def test_split_keeps_whole_documents_before_the_cut():
-    docs = [data.Document(str(i), f"doc {i}\n" * 10) for i in range(10)]
-    train, val = data.split(docs, 0.25)
-    assert train[:7] == [d.text for d in docs[:7]] and val[-2:] == [d.text for d in docs[-2:]]
+def test_split_keeps_whole_documents_before_the_cut(tmp_path):
+    # Through prepare, with a character vocabulary: the token files hold each split's texts, each followed
+    # by an end-of-text token. 600 characters, the cut at 450 falls after the 5th line of document 7.
+    docs = [f"doc {i}\n" * 10 for i in range(10)]
+    prep = prepare(DataConfig(tokenizer="char", val_fraction=0.25, cache_dir=str(tmp_path / "cache")), texts=docs)
+
+    def texts(ids: np.ndarray) -> list[str]:  # the texts between end-of-text tokens
+        ends = np.flatnonzero(ids == prep.tokenizer.eot_id)
+        assert ends[-1] == len(ids) - 1
+        starts = [0, *(ends[:-1] + 1)]
+        return [prep.tokenizer.decode(ids[a:b].tolist()) for a, b in zip(starts, ends)]
+
+    assert texts(prep.train) == docs[:7] + [docs[7][:30]]
+    assert texts(prep.val) == [docs[7][30:]] + docs[8:]
 
 
 def test_chunked_encoding_equals_whole_encoding():
     text = "".join(f"  indented {i}\n\nword{i} and more {i*7}\n  \n" for i in range(3000))
     tok = train_bpe([text], 400)
-    pieces = data.chunks(text, size=1000)
+    pieces = chunks(text, size=1000)
     assert len(pieces) > 10 and "".join(pieces) == text
     chunked = [i for ids in tok.encode_batch(pieces) for i in ids]
     assert chunked == tok.encode(text)
 
 
 def test_storage_dtype():
-    assert data.storage_dtype(65_536) == np.uint16
-    assert data.storage_dtype(65_537) == np.uint32
+    assert storage_dtype(65_536) == np.uint16
+    assert storage_dtype(65_537) == np.uint32
 
 
 def test_prepare_writes_memmaps_and_meta(tmp_path):
     p = tmp_path / "m.txt"
     p.write_text(markov_text(5000))
-    prep = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    prep = prepare(cfg_for(tmp_path, [p], tokenizer="char"))
     meta = json.loads((prep.dir / "meta.json").read_text())
     assert meta["vocab_size"] == 9 and meta["dtype"] == "uint16"
     assert len(prep.train) == meta["train_tokens"] and len(prep.val) == meta["val_tokens"]
@@ -74,18 +89,18 @@ def test_prepare_writes_memmaps_and_meta(tmp_path):
 def test_cache_is_reused_and_rebuilt_on_change(tmp_path):
     p = tmp_path / "m.txt"
     p.write_text(markov_text(5000))
-    first = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
-    again = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    first = prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    again = prepare(cfg_for(tmp_path, [p], tokenizer="char"))
     assert not first.reused and again.reused and again.dir == first.dir
 
     p.write_text(markov_text(6000))  # the input changes: a new cache
-    changed = data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))
+    changed = prepare(cfg_for(tmp_path, [p], tokenizer="char"))
     assert not changed.reused and changed.dir != first.dir and changed.meta["train_tokens"] > first.meta["train_tokens"]
 
-    other = data.prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=300))  # tokenizer settings change
+    other = prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=300))  # tokenizer settings change
     assert not other.reused and other.dir != changed.dir and other.meta["tokenizer"] == "bpe"
-    assert data.prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=300)).reused
-    assert not data.prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=320)).reused
+    assert prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=300)).reused
+    assert not prepare(cfg_for(tmp_path, [p], tokenizer="bpe", vocab_size=320)).reused
 
 
 def test_folder_of_txt_files(tmp_path):
@@ -94,23 +109,22 @@ def test_folder_of_txt_files(tmp_path):
     (d / "a.txt").write_text("alpha " * 100)
     (d / "sub" / "b.txt").write_text("beta " * 100)
     (d / "skip.bin").write_bytes(b"\x00\x01")
-    docs = data.read_documents(cfg_for(tmp_path, [d]))
-    assert [os.path.basename(x.source) for x in docs] == ["a.txt", "b.txt"]
+    cfg = cfg_for(tmp_path, [d])
+    assert [os.path.basename(source.name) for source in corpus_sources(cfg)] == ["a.txt", "b.txt"]
+    assert read_texts(cfg) == ["alpha " * 100, "beta " * 100]
 
 
 def test_jsonl_through_datasets(tmp_path):
     p = tmp_path / "rows.jsonl"
     p.write_text("\n".join(json.dumps({"id": i, "story": f"story number {i}\r\n"}) for i in range(5)))
-    docs = data.read_documents(cfg_for(tmp_path, [p]))
-    assert [d.text for d in docs] == [f"story number {i}\n" for i in range(5)]
+    assert read_texts(cfg_for(tmp_path, [p])) == [f"story number {i}\n" for i in range(5)]
 
 
 def test_saved_dataset_through_datasets(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ["first doc", "second doc"], "n": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
-    docs = data.read_documents(cfg_for(tmp_path, [tmp_path / "ds"]))
-    assert [d.text for d in docs] == ["first doc", "second doc"]
+    assert read_texts(cfg_for(tmp_path, [tmp_path / "ds"])) == ["first doc", "second doc"]
 
 
 @pytest.mark.parametrize(
@@ -126,39 +140,38 @@ def test_bad_files_are_user_errors(tmp_path, content, message):
     p = tmp_path / "bad.txt"
     p.write_bytes(content)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        data.read_documents(cfg_for(tmp_path, [p]))
+        read_texts(cfg_for(tmp_path, [p]))
 
 
 def test_invalid_utf8_can_be_replaced(tmp_path):
     p = tmp_path / "bad.txt"
     p.write_bytes(b"good \xff byte")
-    (doc,) = data.read_documents(cfg_for(tmp_path, [p], errors="replace"))
-    assert doc.text == "good \ufffd byte"
+    assert read_texts(cfg_for(tmp_path, [p], errors="replace")) == ["good \ufffd byte"]
 
 
 def test_missing_paths_and_empty_folders(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        data.read_documents(cfg_for(tmp_path, [tmp_path / "nope.txt"]))
+        read_texts(cfg_for(tmp_path, [tmp_path / "nope.txt"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .txt files"):
-        data.read_documents(cfg_for(tmp_path, [tmp_path / "empty"]))
+        read_texts(cfg_for(tmp_path, [tmp_path / "empty"]))
 
 
 def test_batches_are_windows_shifted_by_one():
     ids = np.arange(1000, dtype=np.uint16)
     gen = torch.Generator().manual_seed(0)
-    x, y = data.get_batch(ids, 8, 16, gen, torch.device("cpu"))
+    x, y = get_batch(ids, 8, 16, gen, torch.device("cpu"))
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
     assert torch.equal(y, x + 1)  # the ids are consecutive, so each target is its input plus one
     assert torch.equal(x[:, 1:], x[:, :-1] + 1)
     gen2 = torch.Generator().manual_seed(0)
-    assert torch.equal(data.get_batch(ids, 8, 16, gen2, torch.device("cpu"))[0], x)
+    assert torch.equal(get_batch(ids, 8, 16, gen2, torch.device("cpu"))[0], x)
 
 
 def test_too_short_for_one_window():
     with pytest.raises(UserError, match="fewer than one training window"):
-        data.check_window("training", 64, 64)
-    data.check_window("training", 65, 64)
+        check_window("training", 64, 64)
+    check_window("training", 65, 64)
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -171,13 +184,13 @@ def test_damaged_cache_is_rebuilt(tmp_path, damage, problem):
     p = tmp_path / "m.txt"
     p.write_text(markov_text(5000))
     cfg = cfg_for(tmp_path, [p], tokenizer="char")
-    first = data.prepare(cfg)
-    before = (first.train.tolist(), first.val.tolist(), data.fingerprint(first))
+    first = prepare(cfg)
+    before = (first.train.tolist(), first.val.tolist(), fingerprint(first))
     damage(first.dir)
-    again = data.prepare(cfg)
+    again = prepare(cfg)
     assert not again.reused and again.dir == first.dir and problem in again.note
-    assert (again.train.tolist(), again.val.tolist(), data.fingerprint(again)) == before
-    assert data.prepare(cfg).reused
+    assert (again.train.tolist(), again.val.tolist(), fingerprint(again)) == before
+    assert prepare(cfg).reused
 
 
 def test_fingerprint_names_the_tokens_not_the_path(tmp_path):
@@ -186,13 +199,13 @@ def test_fingerprint_names_the_tokens_not_the_path(tmp_path):
     b.write_text(markov_text(5000))
     c = tmp_path / "c.txt"
     c.write_text(markov_text(5000, seed=1))
-    fa, fb, fc = (data.fingerprint(data.prepare(cfg_for(tmp_path, [p], tokenizer="char"))) for p in (a, b, c))
+    fa, fb, fc = (fingerprint(prepare(cfg_for(tmp_path, [p], tokenizer="char"))) for p in (a, b, c))
     assert fa == fb and fa["tokens_sha256"] != fc["tokens_sha256"]
-    meta = json.loads((data.prepare(cfg_for(tmp_path, [a], tokenizer="char")).dir / "meta.json").read_text())
+    meta = json.loads((prepare(cfg_for(tmp_path, [a], tokenizer="char")).dir / "meta.json").read_text())
     del meta["tokens_sha256"]  # a cache from before the hash was stored: computed from the files instead
-    prep = data.prepare(cfg_for(tmp_path, [a], tokenizer="char"))
+    prep = prepare(cfg_for(tmp_path, [a], tokenizer="char"))
     prep.meta = meta
-    assert data.fingerprint(prep) == fa
+    assert fingerprint(prep) == fa
 
 
 def test_unwritable_cache_is_one_line(tmp_path):
@@ -201,7 +214,7 @@ def test_unwritable_cache_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should go")
     with pytest.raises(UserError, match=rf"^cannot write the data cache in {blocker}/cache: .*set --data.cache_dir"):
-        data.prepare(DataConfig(paths=[str(p)], cache_dir=str(blocker / "cache"), tokenizer="char"))
+        prepare(DataConfig(paths=[str(p)], cache_dir=str(blocker / "cache"), tokenizer="char"))
 
 
 def test_a_build_killed_midway_leaves_nothing_behind(tmp_path):
@@ -218,11 +231,11 @@ def test_a_build_killed_midway_leaves_nothing_behind(tmp_path):
     corpus.write_text(markov_text(3_000_000))
     cfg = cfg_for(tmp_path, [corpus], tokenizer="char")
     cache = tmp_path / "cache"
-    script = (f"from tinylm import data, config; data.prepare(config.DataConfig(paths=[{str(corpus)!r}], "
+    script = (f"from tinylm import config; from tinylm.prepare import prepare; prepare(config.DataConfig(paths=[{str(corpus)!r}], "
               f"cache_dir={str(cache)!r}, tokenizer='char'))")
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120
-    while not list(cache.glob(".*")) and time.monotonic() < deadline:
+    while not list(cache.glob(".*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -230,6 +243,6 @@ def test_a_build_killed_midway_leaves_nothing_behind(tmp_path):
     assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []
     live = cache / f"{dead.name.rsplit('-', 2)[0]}-{os.getpid()}-x"  # as if this process were building
     live.mkdir()
-    prep = data.prepare(cfg)
+    prep = prepare(cfg)
     assert not prep.reused and not dead.exists() and live.exists()
     assert sorted(p.name for p in cache.iterdir()) == sorted([prep.dir.name, live.name])

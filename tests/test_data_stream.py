@@ -5,25 +5,35 @@ and the byte-order mark cut between two reads, the train/val cut inside a piece,
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import markov_text
-from tinylm import data
+from conftest import markov_text, read_texts
+from tinylm import sources, tokens
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
+from tinylm.prepare import Prepared, prepare
+from tinylm.sources import clean, corpus_sources, read_text_file
+from tinylm.tokens import TRAIN, VAL, bpe_sample, split_stream, survey
 
 
 @pytest.fixture
 def tiny_pieces(monkeypatch):
     """Read 7 bytes at a time, cut the text into pieces of ~5 characters, tokenize ~40 at a time."""
-    for name, value in (("READ_BYTES", 7), ("PIECE_CHARS", 5), ("BATCH_CHARS", 40), ("SAMPLE_WINDOW", 64)):
-        monkeypatch.setattr(data, name, value)
+    monkeypatch.setattr(sources, "READ_BYTES", 7)
+    for name, value in (("PIECE_CHARS", 5), ("BATCH_CHARS", 40), ("SAMPLE_WINDOW", 64)):
+        monkeypatch.setattr(tokens, name, value)
 
 
-def cache_files(prep: data.Prepared) -> dict[str, bytes]:
+def cache_files(prep: Prepared) -> dict[str, bytes]:
     meta = json.loads((prep.dir / "meta.json").read_text())
     return {"meta": json.dumps(meta, sort_keys=True).encode(),
             **{name: (prep.dir / name).read_bytes() for name in ("train.bin", "val.bin", "tokenizer.json")}}
@@ -49,11 +59,12 @@ def test_prepared_in_pieces_is_byte_identical_to_prepared_at_once(tmp_path, monk
     def prepared(cache: str) -> dict[str, bytes]:
         cfg = DataConfig(paths=[str(p) for p in paths], tokenizer=tokenizer, vocab_size=vocab_size or 4096,
                          tokenizer_sample_bytes=sample, cache_dir=str(tmp_path / cache))
-        return cache_files(data.prepare(cfg))
+        return cache_files(prepare(cfg))
 
     at_once = prepared("whole")
-    for name, value in (("READ_BYTES", 7), ("PIECE_CHARS", 5), ("BATCH_CHARS", 40)):
-        monkeypatch.setattr(data, name, value)
+    monkeypatch.setattr(sources, "READ_BYTES", 7)
+    for name, value in (("PIECE_CHARS", 5), ("BATCH_CHARS", 40)):
+        monkeypatch.setattr(tokens, name, value)
     in_pieces = prepared("pieces")
     assert in_pieces == at_once
     assert len(in_pieces["train.bin"]) > 10_000 and len(in_pieces["val.bin"]) > 1000
@@ -64,7 +75,7 @@ def test_prepared_in_pieces_holds_the_ids_of_the_whole_text(tmp_path, tiny_piece
     p = tmp_path / "one.txt"
     text = "".join(f"line {i}, naïve — 日本\r\n" for i in range(300))
     p.write_bytes(("\ufeff" + text).encode())
-    prep = data.prepare(DataConfig(paths=[str(p)], tokenizer="bpe", vocab_size=300, cache_dir=str(tmp_path / "c")))
+    prep = prepare(DataConfig(paths=[str(p)], tokenizer="bpe", vocab_size=300, cache_dir=str(tmp_path / "c")))
     whole = text.replace("\r\n", "\n")
     cut = round(len(whole) * 0.9)
     at = whole.rfind("\n", 0, cut) + 1  # the last line end before the cut
@@ -85,43 +96,76 @@ def test_prepared_in_pieces_holds_the_ids_of_the_whole_text(tmp_path, tiny_piece
         (b"good line\nbad \xff byte", "is not valid UTF-8 (byte 14, line 2); convert it"),
         (b"a\n" * 20 + b"\xc3(" + b"b" * 30 + b"\x00", "looks like a binary file (NUL byte at offset 72), not text"),  # a NUL anywhere wins
         (b"\xef\xbb\xbfab\ncd\xe2\x82", "is not valid UTF-8 (byte 8, line 2); convert it"),  # the offset in the file, BOM included
+        ("text\n".encode("utf-16"), "is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it to UTF-8$"),
+        (codecs.BOM_UTF16_BE + "text\n".encode("utf-16-be"), "is UTF-16 text"),
+        ("text\n".encode("utf-32"), "is UTF-32 text (it starts with a UTF-32 byte-order mark); convert it to UTF-8$"),
+        (codecs.BOM_UTF32_BE + "text\n".encode("utf-32-be"), "is UTF-32 text"),
     ],
 )
 def test_bad_files_are_the_same_one_line_errors_in_pieces(tmp_path, monkeypatch, read_bytes, content, message):
-    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(sources, "READ_BYTES", read_bytes)
     p = tmp_path / "bad.txt"
     p.write_bytes(content)
     with pytest.raises(UserError, match=f"^{p} " + message.replace("(", r"\(").replace(")", r"\)")):
-        data.read_documents(DataConfig(paths=[str(p)]))
+        read_texts(DataConfig(paths=[str(p)]))
+
+
+# Bytes that make decoding in pieces hard: line ends (a CRLF to cut), multi-byte characters, a character
+# cut short, bytes that are never UTF-8, a byte-order mark anywhere, text and blanks.
+AWKWARD = st.lists(st.sampled_from([b"a", b" ", b"\n", b"\r", b"\r\n", "é".encode(), "日".encode(), "😀".encode(),
+                                    b"\xe2\x82", b"\xff", codecs.BOM_UTF8]), max_size=20).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=AWKWARD, read_bytes=st.integers(1, 9), errors=st.sampled_from(["strict", "replace"]))
+def test_a_file_read_in_any_pieces_is_as_if_decoded_whole(raw, read_bytes, errors):
+    # The reference: Python's one-shot decode of the whole file, then `clean`; or where it fails, the
+    # position it fails at.
+    try:
+        expected, problem = clean(raw.decode("utf-8", errors=errors)), ""
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        expected, problem = "", f"is not valid UTF-8 (byte {e.start}, line {line})"
+    if not problem and (not expected or expected.isspace()):
+        problem = "holds only whitespace" if raw else "is empty"
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(sources, "READ_BYTES", read_bytes):
+        p = Path(folder) / "t.txt"
+        p.write_bytes(raw)
+        if problem:
+            with pytest.raises(UserError, match="^" + re.escape(f"{p} {problem}")):
+                "".join(read_text_file(p, errors))
+        else:
+            assert "".join(read_text_file(p, errors)) == expected
 
 
 def test_invalid_utf8_is_replaced_alike_in_pieces(tmp_path, tiny_pieces):
     raw = bytes(range(256)).replace(b"\x00", b"") * 3 + "€ ü 😀".encode() + b"\xe2\x82" + b"\r"
     p = tmp_path / "messy.txt"
     p.write_bytes(raw)
-    (doc,) = data.read_documents(DataConfig(paths=[str(p)], errors="replace"))
-    assert doc.text == data.clean(raw.decode("utf-8", errors="replace"))
+    assert read_texts(DataConfig(paths=[str(p)], errors="replace")) == [clean(raw.decode("utf-8", errors="replace"))]
 
 
 def test_split_stream_places_the_cut_at_a_line_end_in_a_piece(tiny_pieces):
     # The same split whether the document comes whole or in pieces of 3 characters.
     text = "".join(f"line {i}\n" for i in range(100))
-    whole = data.split([data.Document("a", text)], 0.1)
+    cut = round(len(text) * 0.9)
+    whole = list(split_stream([text], cut))
     pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
-    events = list(data.split_stream([data.Document("a", iter(pieces))], round(len(text) * 0.9)))
-    train = "".join(t for side, t in events if side == data.TRAIN and t)
-    val = "".join(t for side, t in events if side == data.VAL and t)
-    assert ([train], [val]) == whole and val.startswith("line 9") and train.endswith("\n")
-    assert [e for e in events if e[1] is None] == [(data.TRAIN, None), (data.VAL, None)]
+    events = list(split_stream([iter(pieces)], cut))
+    train = "".join(t for side, t in events if side == TRAIN and t)
+    val = "".join(t for side, t in events if side == VAL and t)
+    assert whole == [(TRAIN, train), (TRAIN, None), (VAL, val), (VAL, None)]
+    assert train == text[: text.rfind("\n", 0, cut) + 1] and val.startswith("line 9")
+    assert [e for e in events if e[1] is None] == [(TRAIN, None), (VAL, None)]
 
 
 def test_bpe_learns_from_a_bounded_sample_spread_over_the_training_text(tmp_path, tiny_pieces):
     p = tmp_path / "big.txt"
     p.write_text("".join(f"{i:06d} " for i in range(20_000)))  # 140,000 characters whose numbers say where
     cfg = DataConfig(paths=[str(p)], tokenizer="bpe", vocab_size=300, tokenizer_sample_bytes=6_400)
-    corpus = data.survey(cfg)
+    corpus = survey(corpus_sources(cfg), charset=False)
     cut = round(corpus.chars * 0.9)
-    sample = list(data.bpe_sample(cfg, cut, corpus))
+    sample = list(bpe_sample(corpus_sources(cfg), cut, corpus, cfg.tokenizer_sample_bytes))
     taken = "".join(sample)
     assert 6_400 - 64 <= len(taken) <= 6_400 + 64  # the budget, give or take a window
     numbers = [int(n) for piece in sample for n in re.findall(r"(?<!\d)\d{6}(?!\d)", piece)]
@@ -132,7 +176,7 @@ def test_bpe_learns_from_a_bounded_sample_spread_over_the_training_text(tmp_path
 def test_char_vocabulary_sees_every_character_of_a_large_corpus(tmp_path, tiny_pieces):
     p = tmp_path / "rare.txt"
     p.write_text("a" * 5000 + "Ω" + "b" * 5000 + "\n" + "c" * 1000 + "ζ")  # ζ only in the validation text
-    prep = data.prepare(DataConfig(paths=[str(p)], tokenizer="char", cache_dir=str(tmp_path / "c")))
+    prep = prepare(DataConfig(paths=[str(p)], tokenizer="char", cache_dir=str(tmp_path / "c")))
     assert set(prep.tokenizer.tok.get_vocab()) == {"a", "b", "c", "\n", "Ω", "ζ", "<|endoftext|>"}
     assert prep.tokenizer.decode(prep.val[:-1].tolist()).endswith("cζ")
 
@@ -149,7 +193,7 @@ def test_a_hub_dataset_streamed_gives_the_same_shards(tmp_path):
     def prepared(streaming: bool) -> dict[str, bytes]:
         cfg = DataConfig(paths=[f"hf:{repo}"], tokenizer="bpe", vocab_size=300, streaming=streaming,
                          cache_dir=str(tmp_path / f"cache-{streaming}"))
-        return cache_files(data.prepare(cfg))
+        return cache_files(prepare(cfg))
 
     streamed = prepared(True)
     assert streamed == prepared(False)

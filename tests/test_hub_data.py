@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from tinylm import data
+from conftest import ROOT, read_texts
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
+from tinylm.prepare import cache_key, prepare
+from tinylm.sources import HubSource, corpus_sources, parse_hub
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "elk", "ant", "yak"]
 CARD = """---
@@ -60,23 +61,23 @@ def cfg_for(tmp_path, spec: str, **kw) -> DataConfig:
 
 
 def test_parse_hub_spec():
-    assert data.parse_hub("hf:roneneldan/TinyStories") == data.HubSource("roneneldan/TinyStories", None, "train", None)
-    assert data.parse_hub("hf:wikitext:wikitext-2-raw-v1:validation") == data.HubSource("wikitext", "wikitext-2-raw-v1", "validation", None)
-    assert data.parse_hub("hf:a/b@v1.0::train[:10%]") == data.HubSource("a/b", None, "train[:10%]", "v1.0")
+    assert parse_hub("hf:roneneldan/TinyStories") == HubSource("roneneldan/TinyStories", None, "train", None)
+    assert parse_hub("hf:wikitext:wikitext-2-raw-v1:validation") == HubSource("wikitext", "wikitext-2-raw-v1", "validation", None)
+    assert parse_hub("hf:a/b@v1.0::train[:10%]") == HubSource("a/b", None, "train[:10%]", "v1.0")
     with pytest.raises(UserError, match="names no dataset"):
-        data.parse_hub("hf:")
+        parse_hub("hf:")
 
 
 def test_default_config_and_train_split_with_the_text_column_found(tmp_path, hub_repo):
-    docs = data.read_documents(cfg_for(tmp_path, f"hf:{hub_repo}"))
-    assert [d.text for d in docs] == [story(i) for i in range(40)]  # "story" is the only string column
-    assert docs[0].source == f"hf:{hub_repo}[0]"
+    cfg = cfg_for(tmp_path, f"hf:{hub_repo}")
+    assert read_texts(cfg) == [story(i) for i in range(40)]  # "story" is the only string column
+    assert [source.name for source in corpus_sources(cfg)] == [f"hf:{hub_repo}"]
 
 
 def test_config_split_and_slice_are_honoured(tmp_path, hub_repo):
-    assert [d.text for d in data.read_documents(cfg_for(tmp_path, f"hf:{hub_repo}:short"))] == ["Short one.\n", "Short two.\n"]
-    assert [d.text for d in data.read_documents(cfg_for(tmp_path, f"hf:{hub_repo}:full:validation"))] == [story(i) for i in range(40, 45)]
-    assert len(data.read_documents(cfg_for(tmp_path, f"hf:{hub_repo}::train[:3]"))) == 3
+    assert read_texts(cfg_for(tmp_path, f"hf:{hub_repo}:short")) == ["Short one.\n", "Short two.\n"]
+    assert read_texts(cfg_for(tmp_path, f"hf:{hub_repo}:full:validation")) == [story(i) for i in range(40, 45)]
+    assert read_texts(cfg_for(tmp_path, f"hf:{hub_repo}::train[:3]")) == [story(i) for i in range(3)]
 
 
 def test_ambiguous_text_column_needs_the_flag(tmp_path):
@@ -86,19 +87,19 @@ def test_ambiguous_text_column_needs_the_flag(tmp_path):
     repo.mkdir()
     datasets.Dataset.from_dict({"title": ["A", "B"], "body": ["alpha text\n", "beta text\n"]}).to_parquet(repo / "train.parquet")
     with pytest.raises(UserError, match="cannot tell which column .* pass --data.text_column=NAME"):
-        data.read_documents(cfg_for(tmp_path, f"hf:{repo}"))
-    docs = data.read_documents(cfg_for(tmp_path, f"hf:{repo}", text_column="body"))
-    assert [d.text for d in docs] == ["alpha text\n", "beta text\n"]
+        read_texts(cfg_for(tmp_path, f"hf:{repo}"))
+    assert read_texts(cfg_for(tmp_path, f"hf:{repo}", text_column="body")) == ["alpha text\n", "beta text\n"]
 
 
 def test_unknown_split_is_a_user_error(tmp_path, hub_repo):
     with pytest.raises(UserError, match=f"cannot load Hugging Face dataset hf:{hub_repo}:short:test"):
-        data.read_documents(cfg_for(tmp_path, f"hf:{hub_repo}:short:test"))
+        read_texts(cfg_for(tmp_path, f"hf:{hub_repo}:short:test"))
 
 
 def test_cache_key_tracks_name_config_split_revision_and_local_files(tmp_path, hub_repo):
     def key(spec: str) -> str:
-        return data.cache_key(cfg_for(tmp_path, spec))
+        cfg = cfg_for(tmp_path, spec)
+        return cache_key(cfg, corpus_sources(cfg))
 
     keys = {key(s) for s in ("hf:org/name", "hf:org/name:cfg", "hf:org/name::validation", "hf:org/name@abc123", "hf:org/other")}
     assert len(keys) == 5  # each part of the name changes the key, and no network is needed for any
@@ -109,8 +110,8 @@ def test_cache_key_tracks_name_config_split_revision_and_local_files(tmp_path, h
 
 def test_prepare_from_hub_and_reuse(tmp_path, hub_repo):
     cfg = cfg_for(tmp_path, f"hf:{hub_repo}", tokenizer="char")
-    first = data.prepare(cfg)
-    again = data.prepare(cfg)
+    first = prepare(cfg)
+    again = prepare(cfg)
     assert not first.reused and again.reused and first.dir == again.dir
     text = first.tokenizer.decode(first.train.tolist() + first.val.tolist()).replace("<|endoftext|>", "")
     assert text == "".join(story(i) for i in range(40))

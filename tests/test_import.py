@@ -91,7 +91,7 @@ def test_untied_bare_gpt2model_keys_pytorch_bin_and_vocab_merges(tmp_path):
 def test_fine_tuning_starts_from_the_pretrained_weights(gpt2_folder, tmp_path):
     """The step-0 validation loss of an --init_from run is the loss transformers' model gives on the
     same windows of the corpus, tokenized with the folder's tokenizer."""
-    from tinylm.data import prepare
+    from tinylm.prepare import prepare
     from tinylm.train import evaluate, train
 
     folder, reference = gpt2_folder

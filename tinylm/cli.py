@@ -83,7 +83,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg = config_.load(config_path, overrides)
     name = Path(args.config).stem if args.config else "default"
     if args.data:
-        from tinylm.data import HUB, parse_hub
+        from tinylm.sources import HUB, parse_hub
 
         first = args.data[0]
         name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)

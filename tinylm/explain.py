@@ -532,7 +532,7 @@ def section_neighbors(emb: torch.Tensor, tok, words: list[str], example: int, tr
 
 def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
     """The token ids a run trained on: its data cache if still there, else prepared again from its config."""
-    from tinylm.data import prepare
+    from tinylm.prepare import prepare
 
     try:
         info = json.loads((run_dir / "data.json").read_text())
@@ -548,8 +548,9 @@ def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
 def explain(run_dir: str | Path | None = None, neighbors: list[str] | None = None,
             out: Callable[[str], None] = print) -> None:
     """Print the lesson: the default recipe's untrained model, or the trained model in run_dir."""
+    from tinylm.batches import get_batch
     from tinylm.checkpoint import load_run
-    from tinylm.data import get_batch, prepare
+    from tinylm.prepare import prepare
     from tinylm.train import learning_rate, progress
 
     neighbors = neighbors or []
