@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from tinylm.explain import gpt2_config
+from tinylm.anatomy import gpt2_config
 from tinylm.model import GPT
 from tinylm.tblog import histogram_tag, watch_updates
 from tinylm.tokenizer import TextTokenizer

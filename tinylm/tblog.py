@@ -24,23 +24,16 @@ from typing import Any, Callable
 
 import torch
 
-from tinylm.model import param_kind
+from tinylm.anatomy import param_group
 
-# TensorBoard groups tags by their first path component: one group per kind of parameter.
-KIND_GROUPS = {"embedding": "embeddings", "weight": "weights", "bias": "biases", "norm gain": "norm_gains"}
 HISTOGRAM_BINS = 64  # TensorBoard shows 30; its default 'tensorflow' bins make each histogram 7x larger on disk
 MAX_PROJECTOR_TOKENS = 8192  # the projector's file is text, ~8 bytes a number: cap large vocabularies
-
-
-def tag_group(name: str, p: torch.Tensor) -> str:
-    kind = param_kind(name, p)
-    return KIND_GROUPS.get(kind, kind.replace(" ", "_"))
 
 
 def histogram_tag(name: str, p: torch.Tensor) -> str:
     """'blocks.0.attn.qkv.bias' -> 'biases/blocks.0.attn.qkv'."""
     layer = name.removesuffix(".weight").removesuffix(".bias")
-    return f"{tag_group(name, p)}/{layer}"
+    return f"{param_group(name, p)}/{layer}"
 
 
 def log_histograms(writer, model: torch.nn.Module, step: int) -> None:
@@ -56,7 +49,7 @@ def watch_updates(optimizer: torch.optim.Optimizer, model: torch.nn.Module, writ
     next_step() that are multiples of `every`. Returns the hook handles (`.remove()` to stop)."""
     groups: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
-        groups.setdefault(tag_group(name, p), []).append(p)
+        groups.setdefault(param_group(name, p), []).append(p)
     before: list[torch.Tensor] = []
 
     def pre(opt, args, kwargs) -> None:
