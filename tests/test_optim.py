@@ -62,14 +62,15 @@ def test_adamw_groups_step_exactly_like_torch_adamw(fused, path, monkeypatch):
 
 
 def test_a_changed_or_missing_functional_adamw_is_not_called(monkeypatch):
-    import torch.optim.adamw
+    import importlib
 
     import tinylm.optim
 
-    assert tinylm.optim._find_functional_adamw() is torch.optim.adamw.adamw
-    monkeypatch.setattr(torch.optim.adamw, "adamw", lambda params, grads, *, lr, betas: None)  # other arguments
+    module = importlib.import_module("torch.optim.adamw")  # (torch.optim deletes its name for it)
+    assert tinylm.optim._find_functional_adamw() is module.adamw
+    monkeypatch.setattr(module, "adamw", lambda params, grads, *, lr, betas: None)  # other arguments
     assert tinylm.optim._find_functional_adamw() is None
-    monkeypatch.delattr(torch.optim.adamw, "adamw")
+    monkeypatch.delattr(module, "adamw")
     assert tinylm.optim._find_functional_adamw() is None
 
 
