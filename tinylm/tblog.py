@@ -129,18 +129,33 @@ class TolerantWriter:
             pass
 
 
-def quiet_writer_thread_errors() -> None:
-    """Keep Python from printing a traceback when TensorBoard's background writer thread fails to write.
+def is_event_writer_error(args: threading.ExceptHookArgs) -> bool:
+    """True for an OSError raised in the background thread that TensorBoard's event files are written from.
 
-    That thread stores its error for the writer's next call (where TolerantWriter reports it in one line)
-    and then re-raises it, which Python's default thread hook prints. Other threads' errors, and other
-    errors of that thread, are printed as before."""
+    Why it is needed: that thread keeps its error for the writer's next call (where TolerantWriter reports
+    it in one line) and then re-raises it, which Python's default thread hook prints as a traceback in the
+    middle of training's output.
+    What it relies on: the thread's class being defined in the module of tensorboard's `EventFileWriter`
+    (tensorboard.summary.writer.event_file_writer, where torch's SummaryWriter imports it from). Today
+    that class is the private `_AsyncWriterThread`: it is matched by the module it lives in, not by name.
+    If a release moves it: nothing matches, and Python prints that thread's traceback again: noisy but
+    harmless, since TolerantWriter still reports the failure in one line and training goes on.
+    """
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    return isinstance(args.exc_value, OSError) and type(args.thread).__module__ == EventFileWriter.__module__
+
+
+def quiet_writer_thread_errors() -> None:
+    """Keep Python from printing a traceback when TensorBoard's background writer thread fails to write
+    (see `is_event_writer_error`). Other threads' errors, and other errors of that thread, are printed
+    as before."""
     previous = threading.excepthook
     if getattr(previous, "tinylm_quiet", False):
         return
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+        if not is_event_writer_error(args):
             previous(args)
 
     hook.tinylm_quiet = True  # type: ignore[attr-defined]
