@@ -187,7 +187,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)  # token id -> vector: the seed's "cat" -> [0.25, -0.1, ...]
+        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)  # token id -> vector: docs/lesson.md's "cat" -> [0.25, -0.1, ...]
         if cfg.pos == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)  # position 0..block_size-1 -> vector
         else:  # rotary: positions rotate queries and keys inside attention; nothing to learn

@@ -10,7 +10,8 @@
   how big a nudge gradient descent gave. On other steps it does nothing, so the copy of the parameters
   and the one host sync it needs are paid only at the log interval.
 * `log_embeddings` at the end: the token embedding matrix for TensorBoard's projector, each row
-  labelled with its token's text, so the seed's "cat is near dog" can be looked at in 3-D.
+  labelled with its token's text, so that tokens used alike (docs/lesson.md) can be seen lying near
+  each other in 3-D.
 
 `TolerantWriter` wraps the run's SummaryWriter so that a log that cannot be written (a full disk) costs
 one warning, not the run.
