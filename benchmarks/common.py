@@ -18,7 +18,7 @@ import torch
 from tinylm import config as config_
 from tinylm.batches import get_batch
 from tinylm.config import Config
-from tinylm.model import GPT, mlp_width
+from tinylm.model import GPT
 from tinylm.prepare import Prepared, prepare
 from tinylm.train import autocast, autocast_dtype, learning_rate, make_optimizer, pick_device, progress
 
@@ -85,7 +85,7 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
     every matrix product (forward 2, backward 4), the output head included, plus the attention scores
     and their weighted sum, 12 * n_layer * n_embd * block_size (causal masking not discounted)."""
     m = cfg.model
-    hidden = mlp_width(m)
+    hidden = m.mlp_width
     per_block = 4 * m.n_embd**2 + (3 if m.mlp == "swiglu" else 2) * m.n_embd * hidden
     weights = m.n_layer * per_block + vocab_size * m.n_embd
     return 6 * weights + 12 * m.n_layer * m.n_embd * m.block_size

@@ -1,4 +1,4 @@
-"""`tinylm explain`: the seed's numbers, the parameter formula, one AdamW step by hand, neighbours, the CLI."""
+"""`tinylm explain`: the parameter section, one AdamW step by hand, neighbours, the CLI."""
 
 import math
 import os
@@ -11,130 +11,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT
+from tinylm.anatomy import gpt2_config
 from tinylm.config import Config, TrainConfig
 from tinylm.errors import UserError
-from tinylm.explain import (
-    GPT2_SMALL, GPT2_VOCAB, GPT2_XL, KIND_ROLES, adamw_by_hand, explain, gpt2_config, nearest_neighbors,
-    neuron_step,
-    optimizer_step, parameter_formula, role, section_parameters, section_step, softmax_example, token_id,
-    values_and_slopes,
-)
-from tinylm.model import GPT, ParamRow, parameter_table
+from tinylm.explain import (adamw_by_hand, explain, nearest_neighbors, optimizer_step, section_parameters, section_step,
+                            token_id)
+from tinylm.model import GPT
 from tinylm.tokenizer import train_bpe, train_char
 from tinylm.train import make_optimizer
-
-
-def approx(v):
-    return pytest.approx(v, abs=1e-12)
-
-
-def test_the_seeds_worked_example():
-    right = neuron_step(y_true=2.0)  # x = 2, w = 0.5, b = 1
-    assert (right.pred, right.loss, right.grad_w, right.grad_b) == (approx(2), approx(0), approx(0), approx(0))
-    wrong = neuron_step(y_true=3.0)
-    assert wrong.pred == approx(2) and wrong.loss == approx(0.5)
-    assert wrong.grad_w == approx(-2) and wrong.grad_b == approx(-1)  # (y - y_true) * x and (y - y_true)
-    assert wrong.w_new == approx(0.7) and wrong.b_new == approx(1)  # the seed holds b at 1
-    assert wrong.pred_new == approx(2.4) and wrong.loss_new == approx(0.18)
-    both = neuron_step(y_true=3.0, update_bias=True)
-    assert both.w_new == approx(0.7) and both.b_new == approx(1.1)
-    assert both.pred_new == approx(0.7 * 2 + 1.1) and both.loss_new == approx(0.5 * (2.5 - 3) ** 2)
-
-
-def test_the_seeds_relu_example():
-    relu = neuron_step(y_true=3.0, activation=torch.relu)
-    assert (relu.pred, relu.loss, relu.grad_w, relu.w_new) == (approx(2), approx(0.5), approx(-2), approx(0.7))
-    dead = neuron_step(y_true=3.0, x=-4.0, activation=torch.relu)  # z = 0.5 * -4 + 1 = -1 < 0
-    assert dead.pred == approx(0) and dead.loss == approx(4.5)
-    assert dead.grad_w == 0 and dead.w_new == approx(0.5)
-
-
-def test_activation_slopes_match_their_formulas():
-    points = (-2.0, -0.5, 0.0, 0.5, 2.0)
-    values, slopes = values_and_slopes(torch.sigmoid, points)
-    for x, v, s in zip(points, values, slopes):
-        assert v == approx(1 / (1 + math.exp(-x))) and s == approx(v * (1 - v))
-    values, slopes = values_and_slopes(torch.tanh, points)
-    assert slopes == [approx(1 - math.tanh(x) ** 2) for x in points]
-    values, slopes = values_and_slopes(torch.relu, points)
-    assert values == [0, 0, 0, 0.5, 2] and slopes == [0, 0, 0, 1, 1]
-    probs, grad = softmax_example((2.0, 1.0, 0.1), target=0)
-    e = [math.exp(v) for v in (2.0, 1.0, 0.1)]
-    assert probs == [approx(v / sum(e)) for v in e]
-    assert grad == [approx(probs[0] - 1), approx(probs[1]), approx(probs[2])]  # p - one_hot(target)
-
-
-@pytest.mark.parametrize("mlp, name, formula", [
-    ("swiglu", "SiLU (in SwiGLU)", lambda x: x / (1 + math.exp(-x))),
-    ("gelu", "GELU", lambda x: 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))),
-    ("relu2", "ReLU squared", lambda x: max(x, 0.0) ** 2),
-])
-def test_the_models_own_activation_is_shown_with_its_values(mlp, name, formula):
-    from tinylm.config import ModelConfig
-    from tinylm.explain import POINTS, section_activations
-
-    with torch.device("meta"):
-        model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, mlp=mlp), 20)
-    lines: list[str] = []
-    section_activations(model, lines.append)
-    (row,) = [line for line in lines if line.strip().startswith(f"{name} (this model)")]
-    values = [float(v) for v in row.split()[-len(POINTS):]]
-    assert values == [pytest.approx(formula(x), abs=1e-3) for x in POINTS]
-    assert any(line.strip().startswith(f"{name}: between the two weight matrices") for line in lines)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 8, 4, 11), (2, 2, 32, 16, 50), (3, 4, 64, 40, 300), (5, 3, 48, 7, 1000)])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("tied", [True, False])
-def test_parameter_formula_counts_the_built_model(shape, bias, tied):
-    n_layer, n_head, n_embd, block_size, vocab = shape
-    cfg = gpt2_config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, tie_embeddings=tied)
-    with torch.device("meta"):
-        model = GPT(cfg, vocab)
-    assert parameter_formula(cfg, vocab) == sum(p.numel() for p in model.parameters())
-
-
-@pytest.mark.parametrize("arch", [
-    {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},  # the default (Llama)
-    {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": True, "qk_norm": True},
-    {"pos": "learned", "norm": "rmsnorm", "mlp": "relu2", "bias": True},
-    {"pos": "rope", "norm": "layernorm", "mlp": "gelu", "bias": True, "mlp_hidden": 100},
-    {"pos": "learned", "norm": "layernorm", "mlp": "swiglu", "bias": False, "qk_norm": True, "mlp_hidden": 96},
-])
-@pytest.mark.parametrize("tied", [True, False])
-def test_parameter_formula_counts_every_architecture(arch, tied):
-    from tinylm.config import ModelConfig
-    from tinylm.explain import formula_text
-
-    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=40, tie_embeddings=tied, **arch)
-    with torch.device("meta"):
-        model = GPT(cfg, 300)
-    assert parameter_formula(cfg, 300) == sum(p.numel() for p in model.parameters())
-    # The text is the same formula: evaluate it with this model's numbers.
-    text = formula_text(cfg)[0].removeprefix("P = ").split(", with")[0]
-    names = {"V": 300, "T": 40, "C": 64, "L": 3, "H": model.blocks[0].mlp.proj.in_features, "hs": 16}
-    assert eval(text.replace("^", "**"), {}, names) == parameter_formula(cfg, 300)
-
-
-def test_parameter_formula_gives_gpt2_small_and_xl():
-    assert parameter_formula(GPT2_SMALL, GPT2_VOCAB) == 124_439_808
-    assert parameter_formula(GPT2_XL, GPT2_VOCAB) == 1_557_611_200  # the seed's "GPT-2 -> 1.5B parameters"
-    with torch.device("meta"):
-        xl = GPT(GPT2_XL, GPT2_VOCAB)
-    assert sum(p.numel() for p in xl.parameters()) == 1_557_611_200
-
-
-def test_every_parameter_gets_a_role_and_unknown_names_fall_back_to_their_kind():
-    model = GPT(gpt2_config(n_layer=2, n_head=2, n_embd=16, block_size=8), 20)
-    roles = {r.name: role(r, tied=True) for r in parameter_table(model)}
-    assert all(text not in KIND_ROLES.values() for text in roles.values())  # every name is known
-    assert "tied" in roles["tok_emb.weight"] and "query, a key and a value" in roles["blocks.1.attn.qkv.weight"]
-    assert roles["blocks.0.mlp.fc.bias"].startswith("MLP in: one b per output")
-    assert roles["blocks.0.norm2.weight"].startswith("norm before the MLP: one multiplier")
-    assert roles["blocks.1.mlp.fc.weight"] == "MLP in: widens each token's vector from 16 to 64 numbers, before the activation"
-    assert role(ParamRow("blocks.0.mlp.gate.weight", (4, 4), 16, "weight")) == KIND_ROLES["weight"]
-    assert role(ParamRow("blocks.3.attn.q_norm.weight", (4,), 4, "norm gain")) == KIND_ROLES["norm gain"]
-    assert role(ParamRow("blocks.0.mlp.gate.bias", (4,), 4, "bias")) == KIND_ROLES["bias"]
 
 
 def test_a_recipe_without_biases_says_so():

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tinylm import checkpoint
+from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.config import ModelConfig
-from tinylm.model import (GPT, apply_rope, describe_architecture, format_parameter_table, mlp_width,
-                          parameter_summary, parameter_table, rope_tables)
+from tinylm.model import GPT, apply_rope, rope_tables
 
 GPT2 = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
 LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "bias": False}
@@ -128,8 +128,8 @@ def test_every_architecture_learns(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
 def test_parameter_count_matches_hand_count(arch):
     c = small(**ARCHITECTURES[arch])
-    C, V, hs, L = c.n_embd, 50, c.n_embd // c.n_head, c.n_layer
-    hidden = mlp_width(c)
+    C, V, hs, L = c.n_embd, 50, c.n_embd // c.n_head, c.n_layer  # by hand, not c.head_size
+    hidden = c.mlp_width
     mlp = (3 if c.mlp == "swiglu" else 2) * C * hidden + (hidden * (2 if c.mlp == "swiglu" else 1) + C if c.bias else 0)
     attn = 4 * C * C + (4 * C if c.bias else 0) + (2 * hs if c.qk_norm else 0)
     norm = C + (C if c.bias and c.norm == "layernorm" else 0)  # a gain, and a bias for LayerNorm with biases
@@ -145,10 +145,26 @@ def test_parameter_count_matches_hand_count(arch):
 def test_swiglu_width_keeps_the_mlp_about_the_same_size():
     for n_embd in (128, 256, 384, 768):
         c = ModelConfig(n_embd=n_embd, n_head=4, mlp="swiglu")
-        assert mlp_width(c) % 64 == 0 and abs(3 * mlp_width(c) - 8 * n_embd) <= 3 * 64
-    assert mlp_width(ModelConfig(n_embd=384, n_head=6, mlp="swiglu")) == 1024
-    assert mlp_width(ModelConfig(n_embd=384, n_head=6, mlp="gelu")) == 1536
-    assert mlp_width(ModelConfig(n_embd=384, n_head=6, mlp="swiglu", mlp_hidden=100)) == 100
+        assert c.mlp_width % 64 == 0 and abs(3 * c.mlp_width - 8 * n_embd) <= 3 * 64
+    assert ModelConfig(n_embd=384, n_head=6, mlp="swiglu").mlp_width == 1024
+    assert ModelConfig(n_embd=384, n_head=6, mlp="gelu").mlp_width == 1536
+    assert ModelConfig(n_embd=384, n_head=6, mlp="swiglu", mlp_hidden=100).mlp_width == 100
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_the_model_is_built_with_the_configs_derived_sizes(arch):
+    c = small(**ARCHITECTURES[arch], n_head=4)
+    assert c.head_size == 8  # 32 channels over 4 heads
+    with torch.device("meta"):
+        model = GPT(c, vocab_size=50)
+    block = model.blocks[0]
+    assert block.mlp.proj.in_features == c.mlp_width
+    assert block.mlp.fc.out_features == (2 if c.mlp == "swiglu" else 1) * c.mlp_width
+    assert model.new_cache().k.shape[-1] == c.head_size
+    if c.pos == "rope":
+        assert model.rope_cos.shape == (c.block_size, c.head_size)
+    if c.qk_norm:
+        assert block.attn.q_norm.weight.shape == (c.head_size,)
 
 
 def test_rope_rotates_pairs_by_position_times_frequency():
@@ -185,7 +201,7 @@ def test_llama_options_equal_hugging_face_llama(bias):
         for name, p in ours.named_parameters():
             if p.dim() == 1:
                 p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.randn_like(p) * 0.1)
-    C, H = cfg.n_embd, mlp_width(cfg)
+    C, H = cfg.n_embd, cfg.mlp_width
     hf_cfg = transformers.LlamaConfig(
         vocab_size=50, hidden_size=C, intermediate_size=H, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,

@@ -31,14 +31,22 @@ def test_newton_schulz_gives_near_orthogonal_matrix_with_the_same_singular_vecto
     assert torch.allclose(batch[0], o, atol=1e-5) and torch.allclose(batch[1], orthogonalize(2 * g.flip(0), dtype=torch.float32), atol=1e-5)
 
 
-def test_adamw_groups_step_exactly_like_torch_adamw():
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("path", ["functional", "public"])
+def test_adamw_groups_step_exactly_like_torch_adamw(fused, path, monkeypatch):
+    import tinylm.optim
+
+    assert tinylm.optim._functional_adamw is not None  # this torch has the functional form: the fast path
+    if path == "public":  # as on a torch whose functional AdamW is gone or changed
+        monkeypatch.setattr(tinylm.optim, "_functional_adamw", None)
     torch.manual_seed(0)
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
     twins = [p.detach().clone().requires_grad_() for p in params]
     ours = Muon([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
-                lr=0.01, betas=(0.9, 0.99))
+                lr=0.01, betas=(0.9, 0.99), fused=fused)
+    kernel = {"fused": True} if fused else {"foreach": True}  # the same kernel as Muon's, so the same bits
     ref = torch.optim.AdamW([{"params": twins[:1], "weight_decay": 0.1}, {"params": twins[1:], "weight_decay": 0.0}],
-                            lr=0.01, betas=(0.9, 0.99))
+                            lr=0.01, betas=(0.9, 0.99), **kernel)
     for step in range(5):
         grads = [torch.randn_like(p) for p in params]
         for opt, ps in ((ours, params), (ref, twins)):
@@ -47,8 +55,23 @@ def test_adamw_groups_step_exactly_like_torch_adamw():
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
             opt.step()
-    for p, q in zip(params, twins):
-        assert torch.allclose(p, q, atol=1e-6)
+        for p, q in zip(params, twins):
+            assert torch.equal(p, q)
+            for key in ("exp_avg", "exp_avg_sq", "step"):  # the state AdamW's state_dict would save
+                assert torch.equal(ours.state[p][key], ref.state[q][key])
+
+
+def test_a_changed_or_missing_functional_adamw_is_not_called(monkeypatch):
+    import importlib
+
+    import tinylm.optim
+
+    module = importlib.import_module("torch.optim.adamw")  # (torch.optim deletes its name for it)
+    assert tinylm.optim._find_functional_adamw() is module.adamw
+    monkeypatch.setattr(module, "adamw", lambda params, grads, *, lr, betas: None)  # other arguments
+    assert tinylm.optim._find_functional_adamw() is None
+    monkeypatch.delattr(module, "adamw")
+    assert tinylm.optim._find_functional_adamw() is None
 
 
 def test_muon_step_is_orthogonalised_nesterov_momentum():

@@ -215,18 +215,61 @@ def test_a_second_signal_stops_at_once():
 
 
 def test_guard_hands_the_verdict_to_a_fused_optimizer():
-    # The GPU path, run on the CPU's fused AdamW: the verdict goes in as found_inf, which the fused step
-    # subtracts from every parameter's 0-dim step count, so it must be 0-dim too (as GradScaler's is).
+    # The GPU path (a "cuda" guard), run on the CPU's fused AdamW: the verdict goes in as found_inf, which the
+    # fused step subtracts from every parameter's 0-dim step count, so it must be 0-dim too (as GradScaler's is).
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     lines: list[str] = []
-    g = guard.BlowUpGuard(3, torch.device("cpu"), opt, lines.append)
-    g.on_device = True
+    g = guard.BlowUpGuard(3, torch.device("cuda"), opt, lines.append)
+    assert g.on_device
     assert unchanged(model, guarded_step(model, opt, g, 1, "grad"))
+    assert not lines  # the verdict waits for the next poll
     assert not unchanged(model, guarded_step(model, opt, g, 2))
     g.poll()
     assert len(lines) == 1 and "step 1:" in lines[0] and int(opt.state[model.weight]["step"]) == 1
+
+
+class IgnoresFoundInf(torch.optim.AdamW):
+    """A fused AdamW as a torch release might change it: it still claims the AMP protocol but no longer
+    reads found_inf, so it would apply a bad step's update."""
+
+    def step(self, closure=None):
+        found_inf = vars(self).pop("found_inf", None)  # unseen by the step, and put back after it
+        try:
+            return super().step(closure)
+        finally:
+            if found_inf is not None:
+                self.found_inf = found_inf
+
+
+def test_only_an_optimizer_that_honours_found_inf_gets_the_verdict_on_the_device():
+    from tinylm.optim import Muon
+
+    def params():
+        return torch.nn.Linear(4, 2).parameters()
+
+    assert guard.honours_found_inf(torch.optim.AdamW(params(), fused=True))
+    assert not guard.honours_found_inf(torch.optim.AdamW(params(), foreach=True))  # no protocol
+    assert not guard.honours_found_inf(Muon([{"params": list(params())}]))  # no protocol
+    claims = IgnoresFoundInf(params(), fused=True)
+    assert claims._step_supports_amp_scaling and not guard.honours_found_inf(claims)  # the probe moved
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=True),  # lacks the protocol
+    lambda ps: IgnoresFoundInf(ps, lr=0.1, fused=True),  # claims it but would apply the update
+])
+def test_on_a_gpu_the_guard_falls_back_to_reading_the_verdict(make):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = make(model.parameters())
+    lines: list[str] = []
+    g = guard.BlowUpGuard(3, torch.device("cuda"), opt, lines.append)
+    assert not g.on_device
+    assert unchanged(model, guarded_step(model, opt, g, 1, "grad")) and not opt.state  # skipped on the host...
+    assert len(lines) == 1 and "step 1:" in lines[0]  # ...and reported at once, with no poll
+    assert not unchanged(model, guarded_step(model, opt, g, 2))
 
 
 def test_under_torchrun_a_repeated_signal_is_ignored():

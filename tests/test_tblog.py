@@ -1,5 +1,6 @@
 """What training writes to TensorBoard about weights, biases and embeddings, read back with TensorBoard's own readers."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from tinylm.explain import gpt2_config
+from tinylm.anatomy import gpt2_config
 from tinylm.model import GPT
-from tinylm.tblog import histogram_tag, watch_updates
+from tinylm.tblog import histogram_tag, quiet_writer_thread_errors, watch_updates
 from tinylm.tokenizer import TextTokenizer
 
 
@@ -85,3 +86,26 @@ def test_token_embeddings_are_in_the_projector_labelled_with_tokens(trained_run)
     weights = trained_run["model"].tok_emb.weight.detach().numpy()
     assert vectors.shape == weights.shape
     np.testing.assert_allclose(vectors, weights, atol=1e-5)  # the trained matrix, rounded to five decimals
+
+
+def test_only_the_event_writer_threads_write_errors_are_kept_quiet(tmp_path, monkeypatch):
+    seen: list = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)  # stands for Python's printing hook
+    quiet_writer_thread_errors()
+    before = set(threading.enumerate())
+    writer = SummaryWriter(str(tmp_path))  # starts TensorBoard's real background writer thread
+    try:
+        (writer_thread,) = set(threading.enumerate()) - before
+        other = threading.Thread(target=print)
+
+        def failure(exc: BaseException, thread):
+            return threading.ExceptHookArgs((type(exc), exc, None, thread))
+
+        kept_quiet = failure(OSError(28, "No space left on device"), writer_thread)
+        passed_on = [failure(ValueError("a bug"), writer_thread), failure(OSError(28, "No space left"), other),
+                     failure(OSError(28, "No space left"), None)]
+        for args in (kept_quiet, *passed_on):
+            threading.excepthook(args)
+        assert seen == passed_on
+    finally:
+        writer.close()

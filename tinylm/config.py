@@ -41,6 +41,23 @@ class ModelConfig:
     mlp_hidden: int = 0  # MLP width; 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to 64 (same size)
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2)
 
+    # Values derived from the fields, computed here once for every module that needs them.
+
+    @property
+    def head_size(self) -> int:
+        """Channels per attention head: n_embd / n_head (validate checks that it divides)."""
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: mlp_hidden if set, else 4 * n_embd, or for SwiGLU (three matrices
+        instead of two) 8/3 * n_embd rounded up to a multiple of 64, which keeps the MLP about as large."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
 
 @dataclass
 class DataConfig:
@@ -192,8 +209,8 @@ def validate(cfg: Config) -> Config:
     positive("model.rope_theta", m.rope_theta)
     positive("model.norm_eps", m.norm_eps)
     non_negative("model.mlp_hidden", m.mlp_hidden)
-    if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
-        raise UserError(f"model.pos=rope needs an even head size, got n_embd/n_head = {m.n_embd // m.n_head}")
+    if m.pos == "rope" and m.head_size % 2:
+        raise UserError(f"model.pos=rope needs an even head size, got n_embd/n_head = {m.head_size}")
 
     _choice("data.tokenizer", d.tokenizer, ("bpe", "char"))
     _choice("data.errors", d.errors, ("strict", "replace"))

@@ -160,7 +160,7 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False,
     from safetensors.torch import save_file
 
     from tinylm.checkpoint import load_run
-    from tinylm.model import parameter_summary, parameter_table
+    from tinylm.anatomy import parameter_summary, parameter_table
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg, tok, model, state = load_run(run_dir, "cpu")

@@ -13,7 +13,8 @@ row. On a CPU it reads the verdict at once (a CPU has nothing to wait for). On a
 optimizer (fused Adam/AdamW) it never makes the host wait: the verdict goes to the optimizer as
 `found_inf`, the flag torch's AMP GradScaler uses, and the fused kernel skips the update on the GPU;
 the verdicts are read back where the loop syncs anyway (logging, evaluation). Any other optimizer on a
-GPU reads the verdict at once, at the cost of one sync per step.
+GPU reads the verdict at once, at the cost of one sync per step. That protocol is private to torch:
+`honours_found_inf` and `step_unless_found_inf` are the only code that touches it.
 
 Test switch: TINYLM_TEST_NAN_STEPS="7", "12-14" or "3,12-14" makes the loss of those steps NaN.
 """
@@ -75,12 +76,51 @@ class StopSignals:
         self._previous = {}
 
 
+# ---------------------------------------------------------------- the seam: torch's AMP found_inf protocol
+
+
+def step_unless_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), told through torch's AMP protocol to leave everything as it is where found_inf is 1
+    (a 0-dim float tensor on the parameters' device, as GradScaler passes it). Only for an optimizer that
+    `honours_found_inf`."""
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+def honours_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer skips a step on its device when `step_unless_found_inf` tells it to.
+
+    Why it is needed: on a GPU, deciding on the host whether to step waits for the GPU once per step;
+    handing the verdict to the fused kernel instead lets the host run ahead (BlowUpGuard.step).
+    What it relies on: a private protocol between torch's GradScaler (torch/amp/grad_scaler.py) and its
+    optimizers: one with `_step_supports_amp_scaling` set (fused Adam, AdamW, SGD) reads a `found_inf`
+    attribute during step() and, where it is 1, changes neither the parameters nor their state.
+    If a torch release changes it: without the attribute this says False, and the guard reads each
+    verdict on the host, as for any other optimizer. An optimizer that still claims the protocol but no
+    longer honours it is caught by a probe: a throwaway optimizer of the same class on one number, told
+    to skip a step; if the number moved, or the probe fails in any way, this says False too.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    device = next(p.device for group in optimizer.param_groups for p in group["params"])
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    try:
+        step_unless_found_inf(type(optimizer)([probe], lr=1.0, fused=True), torch.ones((), device=device))
+        return bool(probe.detach().eq(0).all())
+    except Exception:  # a constructor or step that no longer fits: the host path is always correct
+        return False
+
+
 class BlowUpGuard:
     def __init__(self, max_bad_steps: int, device: torch.device, optimizer: torch.optim.Optimizer,
                  out: Callable[[str], None]):
         self.max_bad_steps = max_bad_steps
         self.out = out
-        self.on_device = device.type == "cuda" and getattr(optimizer, "_step_supports_amp_scaling", False)
+        self.on_device = device.type == "cuda" and honours_found_inf(optimizer)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, verdict still on the GPU)
         self.streak: list[int] = []  # the steps of the current run of bad steps
         self.skipped = 0
@@ -90,13 +130,8 @@ class BlowUpGuard:
         gradient makes its norm NaN, and any micro-batch's NaN loss reaches the gradient)."""
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         if self.on_device:
-            # Fused kernels skip the update when this is 1. A 0-dim tensor, as torch's GradScaler passes: the
-            # fused step subtracts it from each parameter's 0-dim step count, which a shape-(1,) one cannot be.
-            optimizer.found_inf = bad.float()
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf
+            # 0-dim, as GradScaler's: the fused step subtracts it from each parameter's 0-dim step count.
+            step_unless_found_inf(optimizer, bad.float())
             self.pending.append((step, bad))
         elif bool(bad):
             self._record(step, True)

@@ -1,18 +1,18 @@
 """tinylm models in the Hugging Face `transformers` checkpoint format, both ways.
 
-The default tinylm model is a GPT-2: token plus learned position embeddings, pre-LayerNorm blocks, GELU
-in its tanh form (what transformers calls "gelu_new"), a final LayerNorm, a head tied to the token
-embedding. Its tensors map one to one onto `GPT2LMHeadModel`'s, with two differences of layout:
+tinylm's model is one of two architectures that transformers loads, chosen by the config's switches:
 
-* GPT-2's linear layers are `Conv1D` modules whose weight is stored (in, out), the transpose of
-  `nn.Linear`'s (out, in);
-* GPT-2 always has biases, so a model trained with `model.bias=false` is written with zero biases,
-  which compute exactly what no biases compute.
+* Llama (the default: model.pos=rope, norm=rmsnorm, mlp=swiglu, no biases) maps onto
+  `LlamaForCausalLM`: the fused q/k/v projection splits into q_proj, k_proj, v_proj and the fused SwiGLU
+  input into gate_proj and up_proj; biases, if a recipe turns them on, become attention_bias and mlp_bias.
+* GPT-2 (pos=learned, norm=layernorm, mlp=gelu: token plus learned position embeddings, pre-LayerNorm
+  blocks, GELU in its tanh form, what transformers calls "gelu_new") maps one to one onto
+  `GPT2LMHeadModel`, with two differences of layout: GPT-2's linear layers are `Conv1D` modules whose
+  weight is stored (in, out), the transpose of `nn.Linear`'s (out, in); and GPT-2 always has biases, so a
+  model trained with `model.bias=false` is written with zero biases, which compute exactly what no
+  biases compute.
 
-With the modern switches (model.pos=rope, norm=rmsnorm, mlp=swiglu) the model is a Llama and maps onto
-`LlamaForCausalLM`: the fused q/k/v projection splits into q_proj, k_proj, v_proj and the fused SwiGLU
-input into gate_proj and up_proj; biases, if any, become attention_bias and mlp_bias. Any other mix
-(ReLU squared, QK-norm, learned positions with RMSNorm, ...) is refused with the reason.
+Any other mix (ReLU squared, QK-norm, learned positions with RMSNorm, ...) is refused with the reason.
 
 `architecture` and `to_hf` write the format (`tinylm export`); `read_pretrained` reads a GPT-2 folder
 written by `save_pretrained` (config.json, model.safetensors or pytorch_model.bin, and a tokenizer) back
@@ -92,14 +92,13 @@ LLAMA_SWITCHES = ("rope", "rmsnorm", "swiglu")
 
 
 def switches(m: ModelConfig) -> tuple[str, str, str]:
-    # getattr: the architecture switches are newer than the GPT-2 model; a config without them is GPT-2.
-    return getattr(m, "pos", "learned"), getattr(m, "norm", "layernorm"), getattr(m, "mlp", "gelu")
+    return m.pos, m.norm, m.mlp
 
 
 def architecture(m: ModelConfig) -> str:
     """'gpt2' or 'llama': the transformers architecture that computes exactly what m computes.
     A combination neither can express is a UserError that says why."""
-    if getattr(m, "qk_norm", False):
+    if m.qk_norm:
         raise UserError("cannot export: model.qk_norm=true (RMSNorm on queries and keys) exists in neither "
                         "GPT2LMHeadModel nor LlamaForCausalLM")
     have = switches(m)
@@ -118,11 +117,7 @@ def architecture(m: ModelConfig) -> str:
 # ---------------------------------------------------------------- tinylm -> Hugging Face
 
 
-def _mlp_width(state: dict[str, torch.Tensor]) -> int:
-    return state["blocks.0.mlp.proj.weight"].shape[1]  # the down projection reads the hidden layer
-
-
-def gpt2_config(m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int, eot_id: int) -> dict[str, Any]:
+def gpt2_config_json(m: ModelConfig, vocab_size: int, eot_id: int) -> dict[str, Any]:
     """config.json of a GPT2LMHeadModel with tinylm's shape (written by hand: no transformers needed)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -132,7 +127,7 @@ def gpt2_config(m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int,
         "n_embd": m.n_embd,
         "n_layer": m.n_layer,
         "n_head": m.n_head,
-        "n_inner": _mlp_width(state),
+        "n_inner": m.mlp_width,
         "activation_function": "gelu_new",  # GELU, tanh approximation: F.gelu(x, approximate="tanh")
         "layer_norm_epsilon": m.norm_eps,
         "initializer_range": 0.02,
@@ -148,18 +143,18 @@ def gpt2_config(m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int,
     }
 
 
-def llama_config(m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int, eot_id: int) -> dict[str, Any]:
+def llama_config_json(m: ModelConfig, vocab_size: int, eot_id: int) -> dict[str, Any]:
     """config.json of a LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU, full multi-head attention."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
         "hidden_size": m.n_embd,
-        "intermediate_size": _mlp_width(state),
+        "intermediate_size": m.mlp_width,
         "num_hidden_layers": m.n_layer,
         "num_attention_heads": m.n_head,
         "num_key_value_heads": m.n_head,  # every head has its own keys and values
-        "head_dim": m.n_embd // m.n_head,
+        "head_dim": m.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": m.block_size,
         "rms_norm_eps": m.norm_eps,
@@ -188,7 +183,7 @@ def to_hf(arch: str, m: ModelConfig, state: dict[str, torch.Tensor], vocab_size:
     Fused tensors are split, GPT-2's Conv1D weights transposed, and biases GPT-2 needs but the model
     lacks (model.bias=false) written as zeros. A tied head is left out, as `save_pretrained` does:
     transformers ties it back on load."""
-    config = (gpt2_config if arch == "gpt2" else llama_config)(m, state, vocab_size, eot_id)
+    config = (gpt2_config_json if arch == "gpt2" else llama_config_json)(m, vocab_size, eot_id)
     tensors: dict[str, torch.Tensor] = {}
     for ours, theirs, conv in names_for(arch, m):
         t = state.get(ours)

@@ -3,7 +3,7 @@
 A decoder-only transformer: token embedding, `n_layer` pre-norm blocks of causal self-attention and
 an MLP, a final norm, and an output head that by default shares the token embedding matrix.
 Everything learnable is a weight or a bias, exactly as in the one-neuron y = w*x + b:
-`parameter_table` lists every tensor and says which it is.
+`tinylm.anatomy.parameter_table` lists every tensor and says which it is.
 
 Config switches choose between the two families this file implements:
 
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-
+from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,19 +83,18 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # heads back into the residual stream
-        hs = cfg.n_embd // cfg.n_head
-        self.q_norm = nn.RMSNorm(hs, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(hs, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_size)  # (B, T, 3, nh, hs)
         qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys are normed and rotated together
         if self.q_norm is not None:  # in float32 (under autocast q and k arrive as bfloat16), as Qwen3 does
             q, k = qk.unbind(2)
@@ -127,14 +125,20 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
-def mlp_width(cfg: ModelConfig) -> int:
-    """The MLP's hidden width: 4C, or for SwiGLU (three matrices instead of two) 8C/3 rounded up to a
-    multiple of 64, which keeps the parameter count about the same."""
-    if cfg.mlp_hidden:
-        return cfg.mlp_hidden
-    if cfg.mlp == "swiglu":
-        return 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
-    return 4 * cfg.n_embd
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, in its tanh form (what transformers calls "gelu_new")."""
+    return F.gelu(x, approximate="tanh")
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+# The MLP's activation for each model.mlp (`tinylm explain` prints the model's own from here). For
+# swiglu it is SiLU, x * sigmoid(x), applied to the gate half and multiplied by the up half.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": gelu_tanh, "relu2": relu_squared, "swiglu": F.silu,
+}
 
 
 class MLP(nn.Module):
@@ -146,21 +150,19 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kind = cfg.mlp
-        hidden = mlp_width(cfg)
-        self.fc = nn.Linear(cfg.n_embd, (2 if cfg.mlp == "swiglu" else 1) * hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.gated = cfg.mlp == "swiglu"
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * cfg.mlp_width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_width, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        if self.kind == "swiglu":
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = self.act(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = self.act(h)
         return self.dropout(self.proj(h))
 
 
@@ -185,11 +187,11 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)  # token id -> vector: the seed's "cat" -> [0.25, -0.1, ...]
+        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)  # token id -> vector: docs/lesson.md's "cat" -> [0.25, -0.1, ...]
         if cfg.pos == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)  # position 0..block_size-1 -> vector
         else:  # rotary: positions rotate queries and keys inside attention; nothing to learn
-            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_size, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never saved
             self.register_buffer("rope_sin", sin, persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -241,81 +243,6 @@ class GPT(nn.Module):
 
     def new_cache(self, batch: int = 1) -> KVCache:
         p = self.head.weight
-        hs = self.cfg.n_embd // self.cfg.n_head
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.cfg.block_size, hs, p.device, p.dtype)
+        c = self.cfg
+        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.head_size, p.device, p.dtype)
 
-
-def describe_architecture(cfg: ModelConfig) -> str:
-    """One line naming the architecture switches, saying plainly whether the model has biases."""
-    parts = [
-        "learned positions" if cfg.pos == "learned" else f"rotary positions (theta {cfg.rope_theta:g})",
-        "LayerNorm" if cfg.norm == "layernorm" else "RMSNorm",
-        {"gelu": "GELU", "relu2": "ReLU-squared", "swiglu": "SwiGLU"}[cfg.mlp] + f" MLP ({mlp_width(cfg)} wide)",
-        *(["QK-norm"] if cfg.qk_norm else []),
-        "head tied to the token embedding" if cfg.tie_embeddings else "untied head",
-    ]
-    if cfg.bias:
-        bias = "with biases: model.bias=true" + (" (RMSNorm itself has none)" if cfg.norm == "rmsnorm" else "")
-    else:
-        bias = "no biases: model.bias=false, every layer computes y = w*x (model.bias=true adds the b back)"
-    return f"architecture: {', '.join(parts)}; {bias}"
-
-
-# ---------------------------------------------------------------- parameter accounting
-
-
-@dataclass
-class ParamRow:
-    name: str  # e.g. "blocks.0.attn.qkv.weight"
-    shape: tuple[int, ...]
-    count: int
-    kind: str  # "embedding", "weight", "bias" or "norm gain"
-
-
-def param_kind(name: str, p: torch.Tensor) -> str:
-    if name.endswith(".bias"):
-        return "bias"
-    if "emb" in name:
-        return "embedding"
-    if p.dim() == 1:
-        return "norm gain"  # LayerNorm's multiplier: a weight per channel, initialised to 1
-    return "weight"
-
-
-def parameter_table(model: nn.Module) -> list[ParamRow]:
-    """Every learnable tensor once (a tied head is not counted twice)."""
-    return [ParamRow(n, tuple(p.shape), p.numel(), param_kind(n, p)) for n, p in model.named_parameters()]
-
-
-def parameter_summary(rows: list[ParamRow]) -> dict[str, int]:
-    """Totals by kind; 'weights' counts every multiplier (matrices, embeddings, norm gains)."""
-    by = {k: sum(r.count for r in rows if r.kind == k) for k in ("embedding", "weight", "bias", "norm gain")}
-    return {
-        "total": sum(r.count for r in rows),
-        "embedding": by["embedding"],
-        "non_embedding": sum(r.count for r in rows) - by["embedding"],
-        "weights": by["embedding"] + by["weight"] + by["norm gain"],
-        "biases": by["bias"],
-        **{f"kind:{k}": v for k, v in by.items()},
-    }
-
-
-def format_parameter_table(rows: list[ParamRow], n_layer: int, tied: bool) -> str:
-    """A Markdown table: one block shown in full (all blocks are alike), then the totals."""
-    def keep(r: ParamRow) -> bool:
-        return not r.name.startswith("blocks.") or r.name.startswith("blocks.0.")
-
-    lines = ["| parameter | shape | count | kind |", "|---|---|---:|---|"]
-    for r in filter(keep, rows):
-        name = r.name.replace("blocks.0.", f"blocks.[0-{n_layer - 1}]." if n_layer > 1 else "blocks.0.")
-        each = f" (x{n_layer} = {r.count * n_layer:,})" if r.name.startswith("blocks.") and n_layer > 1 else ""
-        lines.append(f"| {name} | {'x'.join(map(str, r.shape))} | {r.count:,}{each} | {r.kind} |")
-    if tied:
-        lines.append("| head.weight | tied to tok_emb.weight | 0 (shared) | embedding |")
-    s = parameter_summary(rows)
-    lines += [
-        "",
-        f"total {s['total']:,} = weights {s['weights']:,} + biases {s['biases']:,}",
-        f"embeddings {s['embedding']:,}, everything else {s['non_embedding']:,}",
-    ]
-    return "\n".join(lines)

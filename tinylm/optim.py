@@ -17,10 +17,10 @@ and restores it like any other optimizer.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
-from torch.optim.adamw import adamw
 
 # Coefficients of the quintic iteration x <- a x + b (x x^T) x + c (x x^T)^2 x from Keller Jordan's Muon:
 # chosen to push every singular value in (0, 1] towards 1 as fast as possible in five steps (they end
@@ -45,6 +45,59 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
         x = torch.baddbmm(x, poly, x, beta=a)
     x = x.reshape(shape)
     return x if wide else x.mT
+
+
+def _find_functional_adamw():
+    """torch's functional AdamW, `torch.optim.adamw.adamw(params, grads, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, state_steps, ...)`, if this torch has it with the arguments adamw_step passes."""
+    try:
+        from torch.optim.adamw import adamw
+        names = inspect.signature(adamw).parameters
+    except (ImportError, TypeError, ValueError):
+        return None
+    needed = {"foreach", "fused", "amsgrad", "beta1", "beta2", "lr", "weight_decay", "eps", "maximize"}
+    return adamw if needed <= names.keys() else None
+
+
+_functional_adamw = _find_functional_adamw()
+
+
+def adamw_step(params: list[torch.Tensor], states: dict, group: dict, fused: bool | None = None) -> None:
+    """Exactly torch.optim.AdamW's step for `params` (each with a gradient), with group's lr, betas,
+    eps and weight_decay, and each parameter's AdamW state (step, exp_avg, exp_avg_sq: the names
+    AdamW's own state_dict uses) kept in `states[p]`, created on first use and updated in place.
+
+    Why it is needed: Muon's AdamW part must be torch's AdamW, its fused and foreach kernels included,
+    while the state lives in Muon's own, so that one optimizer steps, saves and restores everything.
+    What it relies on: `torch.optim.adamw.adamw`, the functional form that torch.optim.AdamW itself
+    calls. It is not documented as public, and its arguments have grown across releases (has_complex,
+    grad_scale, found_inf), so `_find_functional_adamw` checks at import that it takes ours by name.
+    If a release removes or changes it: the step goes through a torch.optim.AdamW made over the same
+    parameters and handed the same state dicts (its public per-parameter state), which computes the
+    same numbers for a little more Python per step (tests/test_optim.py checks both ways).
+    """
+    for p in params:
+        state = states[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    foreach = None if fused else True
+    if _functional_adamw is None:
+        adamw = torch.optim.AdamW(params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                  weight_decay=group["weight_decay"], foreach=foreach, fused=fused)
+        adamw.state.update({p: states[p] for p in params})  # the same dicts: AdamW updates them in place
+        adamw.step()
+        return
+    beta1, beta2 = group["betas"]
+    _functional_adamw(
+        params, [p.grad for p in params],
+        [states[p]["exp_avg"] for p in params], [states[p]["exp_avg_sq"] for p in params], [],
+        [states[p]["step"] for p in params],
+        foreach=foreach, fused=fused,
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+        eps=group["eps"], maximize=False,
+    )
 
 
 class Muon(torch.optim.Optimizer):
@@ -101,19 +154,4 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(ps, list(update.to(ps[0].dtype).unbind(0)), alpha=-lr * group["lr_scale"] * scale)
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        # Exactly torch.optim.AdamW's update (its own functional form), with its state kept per parameter.
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if self.fused else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        beta1, beta2 = group["betas"]
-        adamw(
-            params, [p.grad for p in params],
-            [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params], [],
-            [self.state[p]["step"] for p in params],
-            foreach=None if self.fused else True, fused=self.fused,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
-        )
+        adamw_step(params, self.state, group, self.fused)

@@ -10,7 +10,8 @@
   how big a nudge gradient descent gave. On other steps it does nothing, so the copy of the parameters
   and the one host sync it needs are paid only at the log interval.
 * `log_embeddings` at the end: the token embedding matrix for TensorBoard's projector, each row
-  labelled with its token's text, so the seed's "cat is near dog" can be looked at in 3-D.
+  labelled with its token's text, so that tokens used alike (docs/lesson.md) can be seen lying near
+  each other in 3-D.
 
 `TolerantWriter` wraps the run's SummaryWriter so that a log that cannot be written (a full disk) costs
 one warning, not the run.
@@ -24,23 +25,16 @@ from typing import Any, Callable
 
 import torch
 
-from tinylm.model import param_kind
+from tinylm.anatomy import param_group
 
-# TensorBoard groups tags by their first path component: one group per kind of parameter.
-KIND_GROUPS = {"embedding": "embeddings", "weight": "weights", "bias": "biases", "norm gain": "norm_gains"}
 HISTOGRAM_BINS = 64  # TensorBoard shows 30; its default 'tensorflow' bins make each histogram 7x larger on disk
 MAX_PROJECTOR_TOKENS = 8192  # the projector's file is text, ~8 bytes a number: cap large vocabularies
-
-
-def tag_group(name: str, p: torch.Tensor) -> str:
-    kind = param_kind(name, p)
-    return KIND_GROUPS.get(kind, kind.replace(" ", "_"))
 
 
 def histogram_tag(name: str, p: torch.Tensor) -> str:
     """'blocks.0.attn.qkv.bias' -> 'biases/blocks.0.attn.qkv'."""
     layer = name.removesuffix(".weight").removesuffix(".bias")
-    return f"{tag_group(name, p)}/{layer}"
+    return f"{param_group(name, p)}/{layer}"
 
 
 def log_histograms(writer, model: torch.nn.Module, step: int) -> None:
@@ -56,7 +50,7 @@ def watch_updates(optimizer: torch.optim.Optimizer, model: torch.nn.Module, writ
     next_step() that are multiples of `every`. Returns the hook handles (`.remove()` to stop)."""
     groups: dict[str, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
-        groups.setdefault(tag_group(name, p), []).append(p)
+        groups.setdefault(param_group(name, p), []).append(p)
     before: list[torch.Tensor] = []
 
     def pre(opt, args, kwargs) -> None:
@@ -136,18 +130,33 @@ class TolerantWriter:
             pass
 
 
-def quiet_writer_thread_errors() -> None:
-    """Keep Python from printing a traceback when TensorBoard's background writer thread fails to write.
+def is_event_writer_error(args: threading.ExceptHookArgs) -> bool:
+    """True for an OSError raised in the background thread that TensorBoard's event files are written from.
 
-    That thread stores its error for the writer's next call (where TolerantWriter reports it in one line)
-    and then re-raises it, which Python's default thread hook prints. Other threads' errors, and other
-    errors of that thread, are printed as before."""
+    Why it is needed: that thread keeps its error for the writer's next call (where TolerantWriter reports
+    it in one line) and then re-raises it, which Python's default thread hook prints as a traceback in the
+    middle of training's output.
+    What it relies on: the thread's class being defined in the module of tensorboard's `EventFileWriter`
+    (tensorboard.summary.writer.event_file_writer, where torch's SummaryWriter imports it from). Today
+    that class is the private `_AsyncWriterThread`: it is matched by the module it lives in, not by name.
+    If a release moves it: nothing matches, and Python prints that thread's traceback again: noisy but
+    harmless, since TolerantWriter still reports the failure in one line and training goes on.
+    """
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    return isinstance(args.exc_value, OSError) and type(args.thread).__module__ == EventFileWriter.__module__
+
+
+def quiet_writer_thread_errors() -> None:
+    """Keep Python from printing a traceback when TensorBoard's background writer thread fails to write
+    (see `is_event_writer_error`). Other threads' errors, and other errors of that thread, are printed
+    as before."""
     previous = threading.excepthook
     if getattr(previous, "tinylm_quiet", False):
         return
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+        if not is_event_writer_error(args):
             previous(args)
 
     hook.tinylm_quiet = True  # type: ignore[attr-defined]

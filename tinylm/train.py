@@ -35,11 +35,12 @@ import torch
 from tqdm import tqdm
 
 from tinylm import __version__, checkpoint, config as config_, distributed, guard, tblog
+from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import batch_starts, batch_windows, check_window
 from tinylm.config import Config, TrainConfig
 from tinylm.errors import UserError
 from tinylm.generate import generate
-from tinylm.model import GPT, describe_architecture, format_parameter_table, parameter_summary, parameter_table
+from tinylm.model import GPT
 from tinylm.optim import Muon
 from tinylm.prepare import Prepared, fingerprint, prepare
 
