@@ -98,27 +98,30 @@ def recipe_summaries() -> dict[str, str]:
     return summaries
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most `width` characters, never breaking a word or a name such as AVX-512."""
+    return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+
+def _row(name: str, text: str, width: int, column: int = 32) -> list[str]:
+    """`name`, then `text` wrapped beside it from `column` on (below it when the name is too long)."""
+    lines = [" " * column + line for line in _wrap(text, max(width - column, 30)) or [""]]
+    if len(name) + 2 > column:
+        return [name, *lines]
+    return [name.ljust(column) + lines[0].lstrip(), *lines[1:]]
+
+
 def help_text(width: int = 100) -> str:
     """The settings and recipes part of `tinylm train --help`, wrapped to `width` columns."""
-    column = 36
-    out = textwrap.wrap("settings (--section.field=VALUE, read as YAML; they override --config, which overrides "
-                        "the defaults):", width)
+    out = _wrap("settings (--section.field=VALUE, read as YAML; they override --config, which overrides the "
+                "defaults):", width)
     for section in config.SECTIONS:
-        out += ["", *textwrap.wrap(f"{section}: {section_summary(section)}", width)]
+        out += ["", *_wrap(f"{section}: {section_summary(section)}", width)]
         for f in (f for f in fields() if f.section == section):
-            name = f"  --{f.key}={f.metavar}"
-            text = textwrap.wrap(f"{f.help} (default: {f.default_text})", max(width - column, 30))
-            if len(name) + 2 > column:  # too long to share a line with its help
-                out.append(name)
-                out += [" " * column + line for line in text]
-            else:
-                out.append(name.ljust(column) + text[0])
-                out += [" " * column + line for line in text[1:]]
+            out += _row(f"  --{f.key}={f.metavar}", f"{f.help} (default: {f.default_text})", width)
     out += ["", "recipes (--config NAME; or a path to a YAML file of your own):"]
     for name, summary in recipe_summaries().items():
-        wrapped = textwrap.wrap(summary, max(width - column, 30)) or [""]
-        out.append(f"  {name}".ljust(column) + wrapped[0])
-        out += [" " * column + line for line in wrapped[1:]]
+        out += _row(f"  {name}", summary, width)
     return "\n".join(out)
 
 

@@ -330,16 +330,18 @@ def _read_yaml(p: Path) -> Any:
     except OSError as e:
         raise UserError(f"cannot read config file {p}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"config file {p} is not valid UTF-8 (byte {e.start})") from None
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"config file {p} is not valid UTF-8 (byte {e.start}, line {line})") from None
 
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         where = f" at {_position(e.problem_mark.line, e.problem_mark.column)}" if e.problem_mark else ""
-        context = ", ".join(filter(None, [e.context, e.context_mark and _position(e.context_mark.line,
-                                                                                  e.context_mark.column)]))
-        raise UserError(f"config file {p} is not valid YAML{where}: {e.problem}"
-                        + (f" ({context})" if context else "")) from None
+        # The context helps when it points elsewhere (where an unclosed list began), not otherwise
+        # ("while scanning for the next token").
+        mark = e.context_mark
+        context = f" ({e.context}, {_position(mark.line, mark.column)})" if e.context and mark else ""
+        raise UserError(f"config file {p} is not valid YAML{where}: {e.problem}{context}") from None
     except yaml.reader.ReaderError as e:  # a character YAML does not allow; its position counts characters
         line_start = text.rfind("\n", 0, e.position) + 1
         where = _position(text.count("\n", 0, e.position), e.position - line_start)
