@@ -100,10 +100,10 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW's decay rate for its running mean of gradients")
     beta2: float = setting(0.99, "AdamW's decay rate for its running mean of squared gradients")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
-    max_steps: int = setting(3000, "optimizer steps; training stops at max_steps or max_time, whichever comes "
-                                   "first, and the learning rate's decay ends there")
-    max_time: float = setting(180.0, "seconds; training stops at max_steps or max_time, whichever comes first "
-                                     "(0 = no limit)")
+    max_steps: int = setting(3000, "optimizer steps at most; the learning rate's decay is timed to whichever of "
+                                   "max_steps and max_time ends the run")
+    max_time: float = setting(180.0, "seconds of training at most (0 = no limit); the run stops at max_steps or "
+                                     "max_time, whichever comes first")
     eval_interval: int = setting(250, "steps between evaluations (validation loss, a sample) and checkpoint saves")
     eval_batches: int = setting(20, "batches each loss estimate averages (the same ones every time)")
     log_interval: int = setting(10, "steps between logged training losses (the only host sync of a step)")
