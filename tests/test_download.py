@@ -168,7 +168,7 @@ def test_download_shakespeare_from_a_mirror(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "data" / "shakespeare.txt").read_bytes() == body
     assert "100%" in result.stderr and "1.06M" in result.stderr  # tqdm's progress bar, in bytes
-    assert "sha256 verified" in result.stdout and "configs/shakespeare_char.yaml" in result.stdout
+    assert "sha256 verified" in result.stdout and "tinylm train --data data/shakespeare.txt --config shakespeare_char" in result.stdout
     assert again.returncode == 0 and "already there" in again.stdout and len(server.requests) == 1
 
 

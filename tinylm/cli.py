@@ -3,18 +3,20 @@
 Only argument parsing and friendly errors live here: a `UserError` from anywhere below becomes one
 `error: ...` line on stderr and exit status 2, never a traceback.
 
-    tinylm train [--config PATH] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--init_from HF_DIR]
-                 [--section.field=VALUE ...]
+    tinylm train [--config NAME_OR_FILE] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--init_from HF_DIR]
+                 [--section.field=VALUE ...]       (tinylm train --help lists every setting and recipe)
     tinylm sample RUN_DIR [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
                   [--seed S] [--num_samples N]
     tinylm export RUN_DIR OUT_DIR [--force]          a Hugging Face transformers folder
     tinylm download NAME [--dir DIR] [--mirror URL]  a classic corpus into data/ (--list shows them)
     tinylm explain [RUN_DIR] [--neighbors TOKEN ...] the one-neuron lesson, then the model's weights and biases
+    tinylm --version
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,17 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from tinylm import config as config_
+    from tinylm import confdoc, config as config_
 
     rest, overrides = split_overrides(argv)
-    p = _Parser(prog="tinylm train", description="Train a tokenizer and a transformer on text.")
-    p.add_argument("--config", help="YAML config (sections model, data, train); default: built-in defaults")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders of .txt (default: built-in corpus)")
+    # The settings (--section.field=VALUE) are taken out of argv above; the epilog documents them and the recipes.
+    width = min(max(shutil.get_terminal_size().columns - 2, 60), 120)
+    p = _Parser(prog="tinylm train", description="Train a tokenizer and a transformer on text.",
+                epilog=confdoc.help_text(width), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="NAME_OR_FILE",
+                   help="a recipe's name (listed below) or a YAML file of settings; default: the built-in defaults")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files, folders or datasets, as data.paths below (default: the built-in corpus)")
     p.add_argument("--run_dir", help="where to write the run (default: runs/<config name>, numbered if taken)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--init_from", metavar="DIR", help="fine-tune a GPT-2 folder (transformers' save_pretrained): "
@@ -201,11 +208,17 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "explain": cmd_explain, "e
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        from tinylm import __version__
+
+        print(f"tinylm {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command '{argv[0]}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
-        print(__doc__.split("\n\n")[-1].rstrip() if __doc__ else "", file=sys.stderr)
+        # Asked for, the usage is the answer (stdout); without a command it explains the error (stderr).
+        print(__doc__.split("\n\n")[-1].rstrip() if __doc__ else "", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -1,8 +1,10 @@
 """Typed configuration: three sections (`model`, `data`, `train`), YAML files, command-line overrides.
 
-A config file in `configs/` is YAML with those three sections; any field can be overridden on the
-command line as `--section.field=value`. The dataclass defaults below *are* the default recipe
-(`configs/default.yaml` spells out the same values, and a test keeps the two equal).
+A config file is YAML with those three sections, named by its path or, for the recipes in `configs/`
+(shipped inside the package too), by its name (`small`); any field can be overridden on the command
+line as `--section.field=value`. The dataclass defaults below *are* the default recipe
+(`configs/default.yaml` spells out the same values, and a test keeps the two equal), and each field's
+help text, given where it is defined, is its documentation (`tinylm.confdoc` renders it).
 
 Every check lives here, so a bad value fails before any data is read or tensor allocated, with one
 line that names the field. This module never imports torch.
@@ -22,24 +24,45 @@ import yaml
 from tinylm.errors import UserError
 
 
+def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its documentation: the one place a setting is explained.
+
+    `help` feeds `tinylm train --help` and docs/config.md (see `tinylm.confdoc`); `choices`, when given,
+    are the only values `validate` accepts, and the help lists them.
+    """
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):  # a mutable default: each Config gets its own copy
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelConfig:
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads per block
-    n_embd: int = 256  # width of every token vector (the "embedding size")
-    block_size: int = 128  # context length: how many tokens the model sees at once
-    bias: bool = False  # biases in Linear and LayerNorm layers (the "b" in y = w*x + b); off: faster, as good
-    dropout: float = 0.1  # regularises small corpora (the built-in one: val 4.79 instead of 5.27 in 180 s)
-    tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2 does)
-    # Architecture switches. GPT-2 is learned/layernorm/gelu with biases; Llama (the default) is
-    # rope/rmsnorm/swiglu without biases. benchmarks/ measures each.
-    pos: str = "rope"  # "learned" position embeddings (GPT-2) or "rope" (rotary, as in Llama)
-    rope_theta: float = 10000.0  # RoPE base: the slowest rotation's period grows with it
-    norm: str = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama: no mean subtraction, no bias)
-    norm_eps: float = 1e-5  # added to the variance inside every norm
-    mlp: str = "swiglu"  # "gelu" (GPT-2), "relu2" (ReLU squared) or "swiglu" (Llama's gated SiLU)
-    mlp_hidden: int = 0  # MLP width; 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to 64 (same size)
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2)
+    """The transformer's shape and architecture. GPT-2 is pos=learned, norm=layernorm, mlp=gelu with
+    biases; Llama (the default) is pos=rope, norm=rmsnorm, mlp=swiglu without biases; benchmarks/
+    measures each."""
+
+    n_layer: int = setting(4, "transformer blocks")
+    n_head: int = setting(4, "attention heads per block; each head is n_embd / n_head wide")
+    n_embd: int = setting(256, "width of every token vector (the embedding size)")
+    block_size: int = setting(128, "context length: how many tokens the model sees at once")
+    bias: bool = setting(False, "biases in Linear and LayerNorm layers (the b in y = w*x + b); off (Llama) is as "
+                                "good and faster, true (GPT-2) adds a bias to every layer")
+    dropout: float = setting(0.1, "fraction of activations zeroed while training, against overfitting a small "
+                                  "text: the default run sees the built-in corpus about 10 times in 3 minutes, and "
+                                  "0.1 gives val loss 4.79 there instead of 5.27 with 0")
+    tie_embeddings: bool = setting(True, "the output head shares the token embedding matrix (GPT-2 does)")
+    pos: str = setting("rope", "position information: learned (GPT-2's table of position embeddings) or rope "
+                               "(rotary, as in Llama)", ("learned", "rope"))
+    rope_theta: float = setting(10000.0, "RoPE base: the slowest rotation's period grows with it")
+    norm: str = setting("rmsnorm", "layernorm (GPT-2) or rmsnorm (Llama: no mean subtraction, no bias)",
+                        ("layernorm", "rmsnorm"))
+    norm_eps: float = setting(1e-5, "added to the variance inside every norm")
+    mlp: str = setting("swiglu", "gelu (GPT-2), relu2 (ReLU squared) or swiglu (Llama's gated SiLU)",
+                       ("gelu", "relu2", "swiglu"))
+    mlp_hidden: int = setting(0, "MLP width; 0 = 4 x n_embd, or for swiglu 8/3 x n_embd rounded up to a multiple "
+                                 "of 64 (its three matrices then hold as many parameters as two at 4 x n_embd)")
+    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2)")
 
     # Values derived from the fields, computed here once for every module that needs them.
 
@@ -61,43 +84,62 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # text files or folders; empty = built-in corpus
-    tokenizer: str = "bpe"  # "bpe" (byte-level BPE) or "char" (one token per character)
-    vocab_size: int = 4096  # BPE only; a character vocabulary is as large as the character set
-    val_fraction: float = 0.1  # the last part of each document is held out for validation
-    cache_dir: str = "data/cache"  # prepared token files are kept here and reused
-    errors: str = "strict"  # invalid UTF-8: "strict" stops with the position, "replace" uses U+FFFD
-    text_column: str = ""  # for .jsonl/.csv/.parquet/saved datasets: the text column (auto if empty)
-    tokenizer_sample_bytes: int = 100_000_000  # BPE learns from at most about this much training text (a sample)
-    streaming: bool = False  # hf: datasets: stream the rows (read once per pass) instead of downloading first
+    """What text to learn from and how it becomes token ids (prepared once, then cached)."""
+
+    paths: list[str] = setting([], "text files, folders (every .txt in them, recursively), .jsonl/.json/.csv/"
+                                   ".parquet files, saved datasets or hf:NAME[@REVISION][:CONFIG][:SPLIT] Hub "
+                                   "datasets; empty = the built-in corpus (Python's reference docs, pydoc_data)")
+    tokenizer: str = setting("bpe", "bpe (byte-level BPE) or char (one token per character)", ("bpe", "char"))
+    vocab_size: int = setting(4096, "BPE only; a character vocabulary is as large as the character set")
+    val_fraction: float = setting(0.1, "the last part of each document is held out for validation")
+    cache_dir: str = setting("data/cache", "prepared token files are kept here and reused")
+    errors: str = setting("strict", "invalid UTF-8: strict stops with the position, replace uses U+FFFD",
+                          ("strict", "replace"))
+    text_column: str = setting("", "for .jsonl/.csv/.parquet/saved datasets: the text column (auto if empty)")
+    tokenizer_sample_bytes: int = setting(100_000_000, "BPE learns from at most about this much training text "
+                                                       "(a sample)")
+    streaming: bool = setting(False, "hf: datasets: stream the rows (read once per pass) instead of downloading "
+                                     "them first")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # sequences per micro-batch (in each process)
-    grad_accum: int = 1  # micro-batches per optimizer step, shared among the processes (a multiple of their number)
-    lr: float = 3e-3  # peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part
-    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 30
-    weight_decay: float = 0.1  # applied to weight matrices only, never to biases or norm gains
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    max_steps: int = 3000
-    max_time: float = 180.0  # seconds; training stops at max_steps or max_time, whichever comes first (0 = no limit)
-    eval_interval: int = 250
-    eval_batches: int = 20
-    log_interval: int = 10
-    sample_tokens: int = 120  # tokens sampled and logged at every evaluation (0 = none)
-    seed: int = 1337
-    device: str = "auto"  # auto = cuda, then mps, then cpu
-    dtype: str = "auto"  # auto = bfloat16 autocast where the hardware has fast bf16, else float32
-    compile: bool = False  # torch.compile the model
-    optimizer: str = "muon"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
-    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same warmup and decay as lr)
-    max_bad_steps: int = 3  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
-    strategy: str = "ddp"  # with several processes (torchrun): ddp (whole model in each) or fsdp (sharded)
-    init_from: str = ""  # a GPT-2 folder (transformers' save_pretrained): start from its weights and tokenizer
+    """The optimizer, its schedule, when to stop, evaluate and log, and where to run."""
+
+    batch_size: int = setting(32, "sequences per micro-batch (in each process)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step, shared among the processes (a multiple of "
+                                 "their number)")
+    lr: float = setting(3e-3, "peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part")
+    min_lr: float = setting(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = setting(30, "steps of linear warmup to lr; Muon needs little (30 beat 100 in 60 s and "
+                                    "90 s runs)")
+    weight_decay: float = setting(0.1, "applied to weight matrices only, never to biases or norm gains")
+    beta1: float = setting(0.9, "AdamW's decay rate for its running mean of gradients")
+    beta2: float = setting(0.99, "AdamW's decay rate for its running mean of squared gradients")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+    max_steps: int = setting(3000, "optimizer steps at most; the learning rate's decay is timed to whichever of "
+                                   "max_steps and max_time ends the run")
+    max_time: float = setting(180.0, "seconds of training at most (0 = no limit); the run stops at max_steps or "
+                                     "max_time, whichever comes first")
+    eval_interval: int = setting(250, "steps between evaluations (validation loss, a sample) and checkpoint saves")
+    eval_batches: int = setting(20, "batches each loss estimate averages (the same ones every time)")
+    log_interval: int = setting(10, "steps between logged training losses (the only host sync of a step)")
+    sample_tokens: int = setting(120, "tokens sampled and logged at every evaluation (0 = none)")
+    seed: int = setting(1337, "random seed: initial weights, batches, dropout, samples")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = setting("auto", "auto = bfloat16 autocast where the hardware has fast bf16 (GPUs, CPUs with "
+                                 "AVX-512 BF16/AMX), else float32", ("auto", "float32", "bfloat16"))
+    compile: bool = setting(False, "torch.compile the model: pays off on GPUs; on a 2-core CPU its compile time "
+                                   "outweighs it")
+    optimizer: str = setting("muon", "adamw, or muon: Muon for the blocks' weight matrices, AdamW for "
+                                     "embeddings and gains", ("adamw", "muon"))
+    muon_lr: float = setting(0.02, "Muon's peak learning rate (follows the same warmup and decay as lr)")
+    max_bad_steps: int = setting(3, "a step with a non-finite loss or gradient is skipped; this many in a row "
+                                    "stop the run")
+    strategy: str = setting("ddp", "with several processes (torchrun): ddp (whole model in each) or fsdp "
+                                   "(sharded)", ("ddp", "fsdp"))
+    init_from: str = setting("", "a GPT-2 folder (transformers' save_pretrained) to fine-tune: its weights, shape "
+                                 "and tokenizer")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -180,14 +222,19 @@ def _field_kind(cls: type, name: str) -> Any:
     return {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got '{value}'")
+def _check_choices(cfg: Config) -> None:
+    """Every field declared with `choices` holds one of them."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            value, choices = getattr(getattr(cfg, section), f.name), f.metadata["choices"]
+            if choices and value not in choices:
+                raise UserError(f"config key '{section}.{f.name}' must be one of {', '.join(choices)}, got '{value}'")
 
 
 def validate(cfg: Config) -> Config:
     """Check values that have the right type but are impossible; return cfg unchanged if all is well."""
     m, d, t = cfg.model, cfg.data, cfg.train
+    _check_choices(cfg)
 
     def positive(key: str, value: float) -> None:
         if not value > 0:
@@ -203,17 +250,12 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if not 0 <= m.dropout < 1:
         raise UserError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
-    _choice("model.pos", m.pos, ("learned", "rope"))
-    _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
-    _choice("model.mlp", m.mlp, ("gelu", "relu2", "swiglu"))
     positive("model.rope_theta", m.rope_theta)
     positive("model.norm_eps", m.norm_eps)
     non_negative("model.mlp_hidden", m.mlp_hidden)
     if m.pos == "rope" and m.head_size % 2:
         raise UserError(f"model.pos=rope needs an even head size, got n_embd/n_head = {m.head_size}")
 
-    _choice("data.tokenizer", d.tokenizer, ("bpe", "char"))
-    _choice("data.errors", d.errors, ("strict", "replace"))
     if d.tokenizer == "bpe" and d.vocab_size < 257:
         raise UserError(
             f"data.vocab_size must be at least 257 for byte-level BPE (256 bytes + end-of-text), got {d.vocab_size}"
@@ -237,9 +279,6 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config key 'train.{key}' must be in [0, 1), got {getattr(t, key)}")
     if t.device not in ("auto", "cpu", "mps") and not t.device.startswith("cuda"):
         raise UserError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
-    _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
-    _choice("train.strategy", t.strategy, ("ddp", "fsdp"))
-    _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
     positive("train.muon_lr", t.muon_lr)
     return cfg
 
@@ -273,20 +312,72 @@ def from_dict(raw: Any, source: str = "config") -> Config:
     return apply(Config(), flat, source)
 
 
+def recipes_dir() -> Path:
+    """The folder of named recipes: inside the installed package (a wheel carries the checkout's configs/
+    there, see pyproject.toml), else the configs/ folder next to the package (a checkout, editable or not)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"
+
+
+def recipes() -> dict[str, Path]:
+    """{name: file} of the named recipes, e.g. 'small' for configs/small.yaml."""
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The config file meant by a path or a recipe name: an existing file wins, then a recipe of that name."""
+    p, known = Path(name_or_path), recipes()
+    if p.is_file():
+        return p
+    if str(name_or_path) in known:
+        return known[str(name_or_path)]
+    listing = f"recipes: {', '.join(known)}" if known else "no recipes found in " + str(recipes_dir())
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not a config file; name a YAML file or a recipe ({listing})")
+    guess = p.stem if p.stem in known else next(iter(difflib.get_close_matches(str(name_or_path), known, n=1)), "")
+    hint = f"; did you mean the recipe '{guess}'?" if guess else ""
+    raise UserError(f"config file not found: {p}{hint} ({listing})")
+
+
+def _read_yaml(p: Path) -> Any:
+    """The YAML in file p; a syntax error names the file, line, column and problem in one line."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"config file {p} is not valid UTF-8 (byte {e.start}, line {line})") from None
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        where = f" at {_position(e.problem_mark.line, e.problem_mark.column)}" if e.problem_mark else ""
+        # The context helps when it points elsewhere (where an unclosed list began), not otherwise
+        # ("while scanning for the next token").
+        mark = e.context_mark
+        context = f" ({e.context}, {_position(mark.line, mark.column)})" if e.context and mark else ""
+        raise UserError(f"config file {p} is not valid YAML{where}: {e.problem}{context}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow; its position counts characters
+        line_start = text.rfind("\n", 0, e.position) + 1
+        where = _position(text.count("\n", 0, e.position), e.position - line_start)
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise UserError(f"config file {p} is not valid YAML at {where}: character {char} is not allowed") from None
+
+
+def _position(line: int, column: int) -> str:
+    """A place in a file as editors number it (yaml counts lines and columns from 0)."""
+    return f"line {line + 1}, column {column + 1}"
+
+
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then overrides; validated."""
+    """Defaults, then the YAML file at `path` or the recipe of that name (if any), then overrides; validated."""
     if path is None:
         cfg = Config()
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"config file {p} is not valid YAML: {first}") from None
-        cfg = from_dict(raw, source=str(p))
+        p = resolve(path)
+        cfg = from_dict(_read_yaml(p), source=str(p))
     apply(cfg, overrides or {})
     return validate(cfg)
 

