@@ -63,12 +63,13 @@ def test_tinylm_train_is_train_py(tmp_path):
 
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
-    from tinylm.train import train
+    from tinylm.console import QUIET
+    from tinylm.loop import train
 
     tmp = tmp_path_factory.mktemp("char")
     (tmp / "m.txt").write_text(markov_text(3000))
     cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, train={"max_steps": 2, "sample_tokens": 0})
-    return Path(train(cfg, run_dir=tmp / "run", out=lambda s: None)["run_dir"])
+    return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tinylm.explain import (
 )
 from tinylm.model import GPT, ParamRow, parameter_table
 from tinylm.tokenizer import train_bpe, train_char
-from tinylm.train import make_optimizer
+from tinylm.optim import make_optimizer
 
 
 def approx(v):
@@ -173,9 +173,9 @@ def test_one_adamw_step_by_hand_matches_torch(earlier_steps):
 
 
 def test_a_run_trained_by_another_optimizer_gets_a_fresh_adamw_step(monkeypatch):
-    import tinylm.train
+    import tinylm.optim
 
-    monkeypatch.setattr(tinylm.train, "make_optimizer", lambda model, t, device: torch.optim.SGD(model.parameters()))
+    monkeypatch.setattr(tinylm.optim, "make_optimizer", lambda model, t, device: torch.optim.SGD(model.parameters()))
     torch.manual_seed(0)
     model = GPT(gpt2_config(n_layer=1, n_head=2, n_embd=16, block_size=8), 30)
     x = torch.randint(30, (4, 8))

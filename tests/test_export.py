@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, markov_text, tiny_config
-from tinylm.checkpoint import load_run
+from tinylm.console import QUIET
+from tinylm.rundir import load as load_run
 from tinylm.errors import UserError
 from tinylm.export import export
 from tinylm.generate import generate
@@ -106,13 +107,13 @@ def test_model_card_states_config_data_size_and_val_loss(exported, trained_run):
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> Path:
     """No biases, an untied head and a character tokenizer: the options GPT-2 expresses differently."""
-    from tinylm.train import train
+    from tinylm.loop import train
 
     tmp = tmp_path_factory.mktemp("plain")
     (tmp / "m.txt").write_text(markov_text(3000) + "\nÆsir ünïcode\n")
     cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, model={"bias": False, "tie_embeddings": False},
                       train={"max_steps": 20, "sample_tokens": 0, "eval_interval": 10})
-    return Path(train(cfg, run_dir=tmp / "run", out=quiet)["run_dir"])
+    return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
 def test_no_bias_untied_char_model_exports_exactly(plain_run, tmp_path):
@@ -178,12 +179,12 @@ LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
 
 
 def short_run(tmp: Path, model: dict) -> Path:
-    from tinylm.train import train
+    from tinylm.loop import train
 
     (tmp / "m.txt").write_text(markov_text(3000))
     cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, model=model,
                       train={"max_steps": 10, "sample_tokens": 0, "eval_interval": 10})
-    return Path(train(cfg, run_dir=tmp / "run", out=quiet)["run_dir"])
+    return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
 @pytest.mark.parametrize("extra", [{"tie_embeddings": False}, {"bias": True, "rope_theta": 500.0}], ids=["untied", "biases"])

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from tinylm.config import TrainConfig
 from tinylm.model import GPT
 from tinylm.optim import Muon, orthogonalize
-from tinylm.train import make_optimizer
+from tinylm.optim import make_optimizer
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])

@@ -1,4 +1,5 @@
-"""One training run in several processes: the pieces of PyTorch's distributed stack that tinylm/train.py uses.
+"""One training run in several processes: the pieces of PyTorch's distributed stack that the training
+loop (tinylm/loop.py, tinylm/step.py) uses.
 
 Launch with torchrun, which starts the processes and tells each its place in environment variables:
 
@@ -26,7 +27,8 @@ What the loop needs from it, and why:
   The loss the blow-up guard judges is averaged over the processes; a stop signal that reaches any
   process stops all of them at the same step; the clock the schedule and train.max_time follow is the
   slowest process's; a failed save or data preparation on one process is everyone's error.
-* only rank 0 writes: the console, TensorBoard (`NullWriter` elsewhere), run files and checkpoints.
+* only rank 0 writes: the console (tinylm.console.QUIET elsewhere), TensorBoard (`NullWriter` elsewhere),
+  run files and checkpoints.
 """
 
 from __future__ import annotations
@@ -50,10 +52,6 @@ class NullWriter:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
-
-
-def quiet(line: str) -> None:
-    """The console of processes other than rank 0."""
 
 
 @dataclass
