@@ -137,7 +137,8 @@ class Trainer:
     def step(self, lr: float) -> torch.Tensor:
         """One training step at learning rate lr; returns its mean loss (a tensor on the device)."""
         t = self.cfg.train
-        batches = draw_batches(self.prep.train, t, self.cfg.model.block_size, self.batch_gen, self.steps, self.learner.dist)
+        block = self.cfg.model.block_size
+        batches = draw_batches(self.prep.train, t, block, self.batch_gen, self.steps, self.learner.dist)
         loss, _ = train_step(self.learner, batches, lr, t.grad_clip, self.guard, number=self.steps + 1)
         self.steps += 1
         self.tokens += self.tokens_per_step

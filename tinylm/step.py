@@ -80,7 +80,8 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_step(learner: Learner, batches: list[MicroBatch], lr: float, grad_clip: float,
-               guard: BlowUpGuard | None = None, number: int = 0, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               guard: BlowUpGuard | None = None, number: int = 0,
+               poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on `batches`; returns (mean loss of the global batch, gradient norm before
     clipping), both still on the device (reading them is a host sync: the loop does so at its log interval).
 
