@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from conftest import ROOT, markov_text, tiny_config
+from tinylm import rundir
 from tinylm.console import QUIET
-from tinylm.rundir import load as load_run
 from tinylm.errors import UserError
+from tinylm.rundir import load as load_run
 from tinylm.export import export
 from tinylm.generate import generate
 
@@ -102,6 +103,25 @@ def test_model_card_states_config_data_size_and_val_loss(exported, trained_run):
     assert f"{trained_run['parameters']:,}" in card
     assert f"final val loss {trained_run['val_loss']:.4f} at step {trained_run['step']}" in card
     assert "corpus.txt" in card and "vocab_size: 300" in card and "pipeline_tag: text-generation" in card
+
+
+def test_the_model_card_reads_the_runs_metrics_json(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    metrics = json.loads((run / rundir.METRICS).read_text())
+    metrics.update(val_loss=1.2345, val_bpb=0.5, eval_step=77, best_val_loss=1.1111)
+    (run / rundir.METRICS).write_text(json.dumps(metrics))
+    for events in rundir.event_files(run):  # not read back from TensorBoard's log
+        events.unlink()
+    export(run, tmp_path / "hf", out=quiet)
+    assert "| result | final val loss 1.2345 at step 77 (0.500 bits per byte); best 1.1111 |" in (
+        tmp_path / "hf" / "README.md").read_text()
+    (run / rundir.METRICS).unlink()  # a run from before metrics.json: the checkpoint's best val loss
+    best = load_run(run).state["best_val"]
+    export(run, tmp_path / "hf2", out=quiet)
+    assert f"| result | best val loss {best:.4f} |" in (tmp_path / "hf2" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
