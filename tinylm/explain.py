@@ -357,7 +357,7 @@ class Watched:
     name: str  # e.g. "blocks.0.attn.qkv.weight[3, 17]"
     kind: str  # "weight" or "bias"
     before: float
-    grad: float
+    grad: float  # as AdamW received it: clipped to train.grad_clip, as in training
     after: float
     m: float  # AdamW's running average of the gradient, before this step (0 on the first step)
     v: float  # ... and of the squared gradient

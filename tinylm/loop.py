@@ -120,6 +120,7 @@ def run_loop(tr: Training, state: LoopState) -> TrainResult:
     try:
         if state.step == 0:
             evaluate_run(tr, state)
+            record_metrics(tr, state, final=False)
         tr.learner.model.train()
         signum, clock = train_until_stopped(tr, state, stop, bar)
         tr.guard.poll()
@@ -175,6 +176,8 @@ def train_until_stopped(tr: Training, state: LoopState, stop: guard.StopSignals,
             evaluate_run(tr, state)
         if when.save:
             save(tr, state, final=False)
+        if when.evaluate:  # after the save: metrics.json never gets ahead of the checkpoint beside it
+            record_metrics(tr, state, final=False)
         if when.evaluate or when.save:
             meter.restart()  # evaluating and saving are not training throughput
 
@@ -244,7 +247,7 @@ def result(tr: Training, state: LoopState, signum: int = 0) -> TrainResult:
 
 def evaluate_run(tr: Training, state: LoopState) -> None:
     """Validation and training loss on their fixed windows, logged to TensorBoard and the console (with a
-    sample of text), kept in state.evaluation and written to metrics.json."""
+    sample of text) and kept in state.evaluation (for metrics.json: record_metrics)."""
     t, block, learner = tr.cfg.train, tr.cfg.model.block_size, tr.learner
     val = evaluate(learner.core, tr.prep.val, t, block, learner.device, learner.dtype, t.seed + 1, tr.d)
     train_loss = evaluate(learner.core, tr.prep.train, t, block, learner.device, learner.dtype, t.seed + 2, tr.d)
@@ -263,7 +266,6 @@ def evaluate_run(tr: Training, state: LoopState) -> None:
         line += "\n--- sample ---\n" + text.strip() + "\n--------------"
     tr.console.say(line)
     tr.writer.flush()
-    record_metrics(tr, state, final=False)
 
 
 def sample_text(model: GPT, prep: Prepared, n_tokens: int, seed: int) -> str:
