@@ -18,8 +18,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Console:
-    write: Callable[[str], None] = print  # how one line is shown
-    bar: bool = False  # draw a progress bar (on stdout) while training
+    """`say(line)` shows a line; `progress` makes the run's progress bar (one that draws nothing unless `bar`)."""
+
+    write: Callable[[str], None] = print  # how one line is shown (with `bar`, lines go above the bar on stdout)
+    bar: bool = False  # draw a progress bar on stdout while training
 
     def say(self, line: str) -> None:
         if self.bar:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,8 +214,8 @@ def load(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
 def refuse_overwrite(run_dir: Path) -> None:
     """A fresh run never replaces the checkpoint of an earlier one."""
     if (run_dir / CHECKPOINT).exists():
-        raise UserError(f"{run_dir} already holds a checkpoint; continue it with --resume {run_dir}, "
-                        "or pick another --run_dir")
+        raise UserError(f"{run_dir} already holds a checkpoint; continue it with --resume "
+                        f"{shlex.quote(str(run_dir))}, or pick another --run_dir")
 
 
 @dataclass
