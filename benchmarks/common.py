@@ -1,5 +1,6 @@
-"""What every benchmark shares: the two recipes, the machine's matrix peak, FLOP counts, a trainer
-stepped as `tinylm.train`'s loop steps (without its logging, checkpoints and blow-up guard), and the loss over the whole validation split.
+"""What every benchmark shares: the two recipes, the machine's matrix peak, FLOP counts, a trainer that
+takes the training loop's own step (tinylm.step.train_step, blow-up guard included; without the loop's
+logging, evaluations and checkpoints), and the loss over the whole validation split.
 
 Nothing here prints; `benchmarks/run.py` runs the benchmarks and prints their table.
 """
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 from tinylm import config as config_
-from tinylm.batches import get_batch
 from tinylm.config import Config
+from tinylm.distributed import Dist
+from tinylm.guard import BlowUpGuard
+from tinylm.hardware import autocast, autocast_dtype, pick_device
 from tinylm.model import GPT
+from tinylm.optim import learning_rate, make_optimizer, progress
 from tinylm.prepare import Prepared, prepare
-from tinylm.train import autocast, autocast_dtype, learning_rate, make_optimizer, pick_device, progress
+from tinylm.step import draw_batches, make_learner, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -96,10 +100,12 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
 
 @dataclass
 class Trainer:
-    """A recipe's model, optimizer and batches; `step` is one iteration of tinylm.train's arithmetic.
+    """A recipe's model, optimizer and batches; `step` is one step of the training loop (tinylm.step).
 
     `foreach_adamw=True` swaps in torch's default (multi-tensor, unfused) AdamW: what nanoGPT uses on a
-    CPU, for the baseline and to measure the fused optimizer as a lever.
+    CPU, for the baseline and to measure the fused optimizer as a lever. As in the loop, a step whose
+    loss or gradient is not finite is skipped, and train.max_bad_steps of them in a row raise
+    tinylm.guard.Diverged.
     """
 
     cfg: Config
@@ -115,26 +121,25 @@ class Trainer:
         self.dtype = autocast_dtype(t.dtype, self.device)
         torch.manual_seed(t.seed)
         self.model = GPT(m, self.prep.tokenizer.vocab_size).to(self.device)
-        self.optimizer = make_optimizer(self.model, t, self.device, self.dtype)
+        optimizer = make_optimizer(self.model, t, self.device, self.dtype)
         if self.foreach_adamw and t.optimizer == "adamw":
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in self.optimizer.param_groups]
-            self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
-        self.fwd = torch.compile(self.model) if t.compile else self.model
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+        self.learner = make_learner(self.model, optimizer, Dist(self.device), self.dtype, t.compile)
+        self.guard = BlowUpGuard(t.max_bad_steps, self.device, optimizer, lambda line: None)
         self.batch_gen = torch.Generator().manual_seed(t.seed)
         self.tokens_per_step = t.batch_size * t.grad_accum * m.block_size
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learner.optimizer
+
     def step(self, lr: float) -> torch.Tensor:
-        t, m = self.cfg.train, self.cfg.model
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(t.grad_accum):
-            x, y = get_batch(self.prep.train, t.batch_size, m.block_size, self.batch_gen, self.device)
-            with autocast(self.device, self.dtype):
-                _, loss = self.fwd(x, y)
-            (loss / t.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One training step at learning rate lr; returns its mean loss (a tensor on the device)."""
+        t = self.cfg.train
+        block = self.cfg.model.block_size
+        batches = draw_batches(self.prep.train, t, block, self.batch_gen, self.steps, self.learner.dist)
+        loss, _ = train_step(self.learner, batches, lr, t.grad_clip, self.guard, number=self.steps + 1)
         self.steps += 1
         self.tokens += self.tokens_per_step
         return loss

@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def vocabulary():
     """English words and punctuation with their frequencies in Shakespeare (if at hand) and the Python docs."""
-    import numpy as np
     from pydoc_data.topics import topics
+
+    import numpy as np
 
     text = "\n".join(topics.values())
     for shared in (ROOT.parent, ROOT.parents[1]):  # shared/ beside the repository, or beside a worktree's parent

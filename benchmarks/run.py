@@ -24,10 +24,21 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_CORPUS, RECIPES, REPO, SHAPES, data, flops_per_token, fmt_seconds, matmul_peak, recipe, shape_overrides
+from benchmarks.common import (
+    DEFAULT_CORPUS,
+    RECIPES,
+    REPO,
+    SHAPES,
+    data,
+    flops_per_token,
+    fmt_seconds,
+    matmul_peak,
+    recipe,
+    shape_overrides,
+)
 from benchmarks.levers import run_levers
 from benchmarks.suites import budget_run, sampling, throughput
-from tinylm.train import cpu_has_fast_bf16, pick_device
+from tinylm.hardware import cpu_has_fast_bf16, pick_device
 
 SUITES = ("peak", "throughput", "loss", "sampling")
 TARGET = 1.886  # nanoGPT's CPU recipe's validation loss

@@ -14,9 +14,9 @@ import torch
 
 from benchmarks.common import Trainer, full_val_loss, sync
 from tinylm.config import Config
-from tinylm.prepare import Prepared
 from tinylm.generate import generate
 from tinylm.model import GPT
+from tinylm.prepare import Prepared
 
 
 def throughput(cfg: Config, prep: Prepared, seconds: float, warmup_steps: int = 3, foreach_adamw: bool = False) -> dict[str, Any]:

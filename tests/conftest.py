@@ -76,13 +76,16 @@ def trained_run(tmp_path_factory) -> dict:
 
     It is GPT-2 with biases and AdamW (the foundation's recipe, not today's default), so that the GPT-2
     export and the weights-and-biases story have a run to read; the default recipe has tests of its own."""
-    from tinylm.train import train
+    from tinylm import rundir
+    from tinylm.console import QUIET
+    from tinylm.loop import train
 
     tmp = tmp_path_factory.mktemp("trained")
     corpus = tmp / "corpus.txt"
     corpus.write_text(("The cat sat on the mat. The dog sat on the log.\n" * 400) + "A bird sang.\n" * 100)
     cfg = tiny_config(tmp, [corpus], data={"tokenizer": "bpe", "vocab_size": 300}, model=GPT2_WITH_BIASES,
                       train={"max_steps": 100, "eval_interval": 50, "optimizer": "adamw"})
-    result = train(cfg, run_dir=tmp / "runs" / "tiny", out=lambda s: None)
-    result["cfg"] = cfg
-    return result
+    result = train(cfg, run_dir=tmp / "runs" / "tiny", console=QUIET)
+    return {"run_dir": result.run_dir, "step": result.step, "parameters": result.parameters,
+            "val_loss": result.metrics["val_loss"], "result": result, "cfg": cfg,
+            "model": rundir.load(result.run_dir).model}  # the trained weights, as saved

@@ -3,8 +3,19 @@
 import pytest
 import torch
 
-from tinylm.anatomy import (GPT2_SMALL, GPT2_VOCAB, GPT2_XL, KIND_ROLES, ParamRow, formula_text, gpt2_config,
-                            param_group, parameter_formula, parameter_table, role)
+from tinylm.anatomy import (
+    GPT2_SMALL,
+    GPT2_VOCAB,
+    GPT2_XL,
+    KIND_ROLES,
+    ParamRow,
+    formula_text,
+    gpt2_config,
+    param_group,
+    parameter_formula,
+    parameter_table,
+    role,
+)
 from tinylm.config import ModelConfig
 from tinylm.model import GPT
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import ROOT, markov_text
 
 from benchmarks.common import Trainer, flops_per_token, full_val_loss, recipe
-from conftest import ROOT, markov_text
 
 
 def test_flops_per_token_by_hand(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm import checkpoint
+from tinylm import checkpoint, rundir
 from tinylm.errors import UserError
 
 
@@ -87,7 +87,7 @@ def test_run_without_the_expected_contents_is_one_line(tmp_path, trained_run):
     shutil.copytree(trained_run["run_dir"], run)
     checkpoint.save({"model": {}}, run / "checkpoint.pt")
     with pytest.raises(UserError, match=r"is not a tinylm training checkpoint \(it lacks vocab_size, config\)"):
-        checkpoint.load_run(run)
+        rundir.load(run)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(saved, tmp_path):
@@ -122,32 +122,34 @@ def test_checkpoint_is_as_readable_as_any_file(saved):
 
 def test_stale_temporary_files_are_removed(tmp_path, saved):
     (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a killed save")
-    checkpoint.remove_stale_temps(tmp_path)
+    rundir.remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 def test_a_run_directory_has_one_trainer_at_a_time(tmp_path):
     run = tmp_path / "run"
-    with checkpoint.run_lock(run):
-        assert (run / checkpoint.LOCK).read_text() == str(os.getpid())
+    with rundir.lock(run):
+        assert (run / rundir.LOCK).read_text() == str(os.getpid())
         with pytest.raises(UserError, match=rf"^{run} is in use by another training process \(pid {os.getpid()}\);"):
-            with checkpoint.run_lock(run):
+            with rundir.lock(run):
                 pass
-    with checkpoint.run_lock(run):  # released at the end of the first
+    with rundir.lock(run):  # released at the end of the first
         pass
     assert run.is_dir()  # nothing failed: the folder stays
 
 
 def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path):
     from conftest import tiny_config
-    from tinylm.train import train
+
+    from tinylm.console import QUIET
+    from tinylm.loop import train
 
     (tmp_path / "short.txt").write_text("too short for a window of 32 tokens")
     cfg = tiny_config(tmp_path, [tmp_path / "short.txt"], data={"tokenizer": "char"})
     with pytest.raises(UserError, match="split has .* fewer than one training window"):
-        train(cfg, run_dir=tmp_path / "fresh", out=lambda s: None)
+        train(cfg, run_dir=tmp_path / "fresh", console=QUIET)
     assert not (tmp_path / "fresh").exists()
     (tmp_path / "kept").mkdir()  # a folder that was there before stays, with only the (released) lock file
     with pytest.raises(UserError):
-        train(cfg, run_dir=tmp_path / "kept", out=lambda s: None)
-    assert [p.name for p in (tmp_path / "kept").iterdir()] == [checkpoint.LOCK]
+        train(cfg, run_dir=tmp_path / "kept", console=QUIET)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [rundir.LOCK]

@@ -4,12 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, file_size_limited, markov_text, tiny_config
 
 TINY = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
@@ -63,12 +61,13 @@ def test_tinylm_train_is_train_py(tmp_path):
 
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
-    from tinylm.train import train
+    from tinylm.console import QUIET
+    from tinylm.loop import train
 
     tmp = tmp_path_factory.mktemp("char")
     (tmp / "m.txt").write_text(markov_text(3000))
     cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, train={"max_steps": 2, "sample_tokens": 0})
-    return Path(train(cfg, run_dir=tmp / "run", out=lambda s: None)["run_dir"])
+    return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import markov_text, read_texts
+
 from tinylm.batches import check_window, get_batch
 from tinylm.config import DataConfig
 from tinylm.errors import UserError

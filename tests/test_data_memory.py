@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-
 from conftest import markov_text, read_texts
+
 from tinylm.config import Config, DataConfig
 from tinylm.errors import UserError
 from tinylm.prepare import fingerprint, prepare
@@ -82,12 +82,12 @@ def test_bad_texts_are_one_line_errors(tmp_path, texts, message):
 
 def test_a_resume_on_other_texts_is_refused_by_the_fingerprint(tmp_path):
     # What a resumed run compares: the checkpoint's data fingerprint against the data prepared now.
-    from tinylm import checkpoint
+    from tinylm import rundir
 
     cfg = Config()
     cfg.data.tokenizer, cfg.data.cache_dir = "char", str(tmp_path / "cache")
-    state = {"config": cfg.to_dict(), "data": fingerprint(prepare(cfg.data, texts=TEXTS))}
+    previous = rundir.Resume(tmp_path / "ckpt.pt", {"data": fingerprint(prepare(cfg.data, texts=TEXTS))}, {})
     cfg.data.cache_dir = str(tmp_path / "elsewhere")  # a new cache, the same texts: resumes
-    checkpoint.check_resume_data(state, cfg, fingerprint(prepare(cfg.data, texts=TEXTS)), tmp_path / "ckpt.pt")
+    previous.check_data(fingerprint(prepare(cfg.data, texts=TEXTS)))
     with pytest.raises(UserError, match="cannot resume from .*: the data differs from the checkpoint's"):
-        checkpoint.check_resume_data(state, cfg, fingerprint(prepare(cfg.data, texts=TEXTS[:-1])), tmp_path / "ckpt.pt")
+        previous.check_data(fingerprint(prepare(cfg.data, texts=TEXTS[:-1])))

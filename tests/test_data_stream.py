@@ -13,10 +13,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import markov_text, read_texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import markov_text, read_texts
 from tinylm import sources, tokens
 from tinylm.config import DataConfig
 from tinylm.errors import UserError

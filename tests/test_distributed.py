@@ -19,22 +19,20 @@ import signal
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import markov_text, tiny_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_faults import Proc
 from test_resume import one_thread  # noqa: F401 (autouse: in-process runs use one CPU thread too)
-from tinylm import checkpoint, config as config_
+
+from tinylm import checkpoint, rundir
+from tinylm import config as config_
+from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
-from tinylm.train import train
+from tinylm.loop import train
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 STEPS = 8
 TOLERANCE = 1e-5  # float rounding: the processes add the same numbers in another order
-
-
-def quiet(line: str) -> None:
-    pass
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -73,7 +71,7 @@ def no_leftovers():
 
 def max_differences(run: Path, reference: Path) -> tuple[float, float, float]:
     """The largest differences in train/loss, weights and optimizer state between two runs."""
-    a, b = (checkpoint.load(r / checkpoint.CHECKPOINT) for r in (run, reference))
+    a, b = (checkpoint.load(r / rundir.CHECKPOINT) for r in (run, reference))
     assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()  # the single-process numbering
     loss_a, loss_b = scalars(run, "train/loss"), scalars(reference, "train/loss")
@@ -95,7 +93,7 @@ def runs(tmp_path_factory) -> dict:
                       train={"batch_size": 8, "grad_accum": 2, "max_steps": STEPS, "eval_interval": 4,
                              "eval_batches": 3, "log_interval": 1, "sample_tokens": 8, "warmup_steps": 2})
     config_.save(cfg, work / "tiny.yaml")
-    train(cfg, run_dir=work / "one", out=quiet)
+    train(cfg, run_dir=work / "one", console=QUIET)
     proc = launch(work, "--config", "tiny.yaml", "--run_dir", "two")
     rc = proc.finish()
     assert rc == 0, proc.stdout + proc.stderr
@@ -115,7 +113,7 @@ def test_two_processes_write_one_run(runs):
     projector = ["projector_config.pbtxt", f"{STEPS:05d}"]
     assert all(name in files for name in projector)
     assert [f for f in files if not f.startswith("events.") and f not in projector] == [
-        ".lock", "checkpoint.pt", "config.yaml", "data.json", "tokenizer.json"]
+        ".lock", "checkpoint.pt", "config.yaml", "data.json", "metrics.json", "tokenizer.json"]
     assert len([f for f in files if f.startswith("events.")]) == 1  # one TensorBoard writer
     assert [s for s, _ in scalars(work / "two", "train/loss")] == list(range(1, STEPS + 1))
     assert "Traceback" not in proc.stderr
@@ -139,9 +137,9 @@ def test_resume_across_a_change_in_the_number_of_processes(runs):
     config_.save(longer, work / "longer.yaml")
     for name in ("one_then_one", "two_then_one", "one_then_two_fsdp"):
         shutil.copytree(work / ("two" if name.startswith("two") else "one"), work / name)
-    train(longer, run_dir=work / "one_then_one", resume=True, out=quiet)  # the reference
+    train(longer, run_dir=work / "one_then_one", resume=True, console=QUIET)  # the reference
     lines: list[str] = []
-    train(longer, run_dir=work / "two_then_one", resume=True, out=lines.append)  # 2 processes -> 1
+    train(longer, run_dir=work / "two_then_one", resume=True, console=Console(lines.append))  # 2 processes -> 1
     assert f"resumed {work / 'two_then_one'} at step {STEPS}" in lines
     # 1 process -> 2, sharded with FSDP: the checkpoint is scattered into shards, gathered back on save.
     proc = launch(work, "--resume", "one_then_two_fsdp", "--config", "longer.yaml", "--train.strategy=fsdp")
@@ -153,7 +151,7 @@ def test_resume_across_a_change_in_the_number_of_processes(runs):
               f"max |weight diff| {weights:.2e}, max |optimizer state diff| {moments:.2e}")
         assert loss < TOLERANCE and weights < TOLERANCE and moments < TOLERANCE
     # What FSDP saved is an ordinary checkpoint: a single process samples from it.
-    _, _, model, state = checkpoint.load_run(work / "one_then_two_fsdp")
+    _, _, model, state = rundir.load(work / "one_then_two_fsdp")
     assert state["step"] == 2 * STEPS and not any(hasattr(p, "to_local") for p in model.parameters())
 
 
@@ -166,7 +164,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(runs):
     os.kill(workers(proc)[1], signal.SIGTERM)  # rank 1 only: rank 0 learns of it from rank 1
     proc.finish()  # had the processes disagreed, rank 0 would wait forever in the next collective
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", proc.stdout).group(1))
-    assert stopped >= 10 and checkpoint.load(work / "stopped" / checkpoint.CHECKPOINT)["step"] == stopped
+    assert stopped >= 10 and checkpoint.load(work / "stopped" / rundir.CHECKPOINT)["step"] == stopped
     assert scalars(work / "stopped", "train/loss")[-1][0] == stopped
 
 
@@ -176,4 +174,4 @@ def test_the_global_batch_must_split_evenly(tmp_path, markov_file, monkeypatch):
     with pytest.raises(UserError, match=r"^the global batch is train.batch_size x train.grad_accum = 16 x 3 sequences, "
                                         r"and 2 processes cannot share 3 micro-batches evenly; set train.grad_accum "
                                         r"to a multiple of 2$"):
-        train(cfg, run_dir=tmp_path / "run", out=quiet)
+        train(cfg, run_dir=tmp_path / "run", console=QUIET)

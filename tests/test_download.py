@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from tinylm import download
 from tinylm.errors import UserError
 

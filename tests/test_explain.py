@@ -8,17 +8,24 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT
 from tinylm.anatomy import gpt2_config
 from tinylm.config import Config, TrainConfig
 from tinylm.errors import UserError
-from tinylm.explain import (adamw_by_hand, explain, nearest_neighbors, optimizer_step, section_parameters, section_step,
-                            token_id)
+from tinylm.explain import (
+    adamw_by_hand,
+    explain,
+    nearest_neighbors,
+    optimizer_step,
+    section_parameters,
+    section_step,
+    token_id,
+)
 from tinylm.model import GPT
+from tinylm.optim import make_optimizer
 from tinylm.tokenizer import train_bpe, train_char
-from tinylm.train import make_optimizer
 
 
 def test_a_recipe_without_biases_says_so():
@@ -57,9 +64,9 @@ def test_one_adamw_step_by_hand_matches_torch(earlier_steps):
 
 
 def test_a_run_trained_by_another_optimizer_gets_a_fresh_adamw_step(monkeypatch):
-    import tinylm.train
+    import tinylm.optim
 
-    monkeypatch.setattr(tinylm.train, "make_optimizer", lambda model, t, device: torch.optim.SGD(model.parameters()))
+    monkeypatch.setattr(tinylm.optim, "make_optimizer", lambda model, t, device: torch.optim.SGD(model.parameters()))
     torch.manual_seed(0)
     model = GPT(gpt2_config(n_layer=1, n_head=2, n_embd=16, block_size=8), 30)
     x = torch.randint(30, (4, 8))

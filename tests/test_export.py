@@ -7,20 +7,22 @@ greedy generation must pick the same tokens, and AutoTokenizer must produce the 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, markov_text, tiny_config
-from tinylm.checkpoint import load_run
+
+from tinylm import rundir
+from tinylm.console import QUIET
 from tinylm.errors import UserError
 from tinylm.export import export
 from tinylm.generate import generate
+from tinylm.rundir import load as load_run
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
@@ -103,16 +105,35 @@ def test_model_card_states_config_data_size_and_val_loss(exported, trained_run):
     assert "corpus.txt" in card and "vocab_size: 300" in card and "pipeline_tag: text-generation" in card
 
 
+def test_the_model_card_reads_the_runs_metrics_json(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    metrics = json.loads((run / rundir.METRICS).read_text())
+    metrics.update(val_loss=1.2345, val_bpb=0.5, eval_step=77, best_val_loss=1.1111)
+    (run / rundir.METRICS).write_text(json.dumps(metrics))
+    for events in rundir.event_files(run):  # not read back from TensorBoard's log
+        events.unlink()
+    export(run, tmp_path / "hf", out=quiet)
+    assert "| result | final val loss 1.2345 at step 77 (0.500 bits per byte); best 1.1111 |" in (
+        tmp_path / "hf" / "README.md").read_text()
+    (run / rundir.METRICS).unlink()  # a run from before metrics.json: the checkpoint's best val loss
+    best = load_run(run).state["best_val"]
+    export(run, tmp_path / "hf2", out=quiet)
+    assert f"| result | best val loss {best:.4f} |" in (tmp_path / "hf2" / "README.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> Path:
     """No biases, an untied head and a character tokenizer: the options GPT-2 expresses differently."""
-    from tinylm.train import train
+    from tinylm.loop import train
 
     tmp = tmp_path_factory.mktemp("plain")
     (tmp / "m.txt").write_text(markov_text(3000) + "\nÆsir ünïcode\n")
     cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, model={"bias": False, "tie_embeddings": False},
                       train={"max_steps": 20, "sample_tokens": 0, "eval_interval": 10})
-    return Path(train(cfg, run_dir=tmp / "run", out=quiet)["run_dir"])
+    return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
 def test_no_bias_untied_char_model_exports_exactly(plain_run, tmp_path):
@@ -178,12 +199,12 @@ LLAMA = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
 
 
 def short_run(tmp: Path, model: dict) -> Path:
-    from tinylm.train import train
+    from tinylm.loop import train
 
     (tmp / "m.txt").write_text(markov_text(3000))
     cfg = tiny_config(tmp, [tmp / "m.txt"], data={"tokenizer": "char"}, model=model,
                       train={"max_steps": 10, "sample_tokens": 0, "eval_interval": 10})
-    return Path(train(cfg, run_dir=tmp / "run", out=quiet)["run_dir"])
+    return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
 @pytest.mark.parametrize("extra", [{"tie_embeddings": False}, {"bias": True, "rope_theta": 500.0}], ids=["untied", "biases"])

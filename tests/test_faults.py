@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, file_size_limited, markov_text
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, file_size_limited, markov_text
-from tinylm import checkpoint
+from tinylm import checkpoint, rundir
 
 STEPS, EVERY = 60, 10  # the run's length and its checkpoint (evaluation) interval
 TINY = ["--data.tokenizer=char", "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32",
@@ -98,7 +98,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def assert_same_run(run_dir: Path, reference: dict) -> None:
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT)
+    state = checkpoint.load(run_dir / rundir.CHECKPOINT)
     assert state["step"] == STEPS
     for name, tensor in reference["state"]["model"].items():
         assert torch.equal(state["model"][name], tensor), name
@@ -127,11 +127,11 @@ def reference(workdir) -> dict:
     assert proc.finish() == 0, proc.stderr
     curve = losses(workdir / "reference")
     assert [s for s, _ in curve] == list(range(1, STEPS + 1))
-    return {"state": checkpoint.load(workdir / "reference" / checkpoint.CHECKPOINT), "losses": curve}
+    return {"state": checkpoint.load(workdir / "reference" / rundir.CHECKPOINT), "losses": curve}
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    return checkpoint.load(run_dir / checkpoint.CHECKPOINT)["step"]  # a UserError here means a broken file
+    return checkpoint.load(run_dir / rundir.CHECKPOINT)["step"]  # a UserError here means a broken file
 
 
 def resume(run: str, workdir: Path, **env: str) -> Proc:
@@ -144,7 +144,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_run(workdir, refer
     print(f"kill moments drawn with seed {seed}")
     run = workdir / "killed"
     proc = Proc(train_args("killed"), workdir)
-    while not (run / checkpoint.CHECKPOINT).exists():  # first kill: some time after the first checkpoint
+    while not (run / rundir.CHECKPOINT).exists():  # first kill: some time after the first checkpoint
         assert proc.p.poll() is None, proc.stderr
         time.sleep(0.01)
     time.sleep(rng.uniform(0, 0.3))
@@ -209,7 +209,7 @@ def test_stop_signal_saves_at_the_end_of_the_step_and_resumes_exactly(workdir, r
     assert proc.finish() == code, proc.stderr
     stopped = int(re.search(rf"stopped by {name} at step (\d+)", proc.stdout).group(1))
     assert EVERY <= stopped < STEPS  # most likely between two checkpoints: saved by the stop itself
-    assert f"resume with: python train.py --resume {name}" in proc.stdout
+    assert f"resume with: tinylm train --resume {name}" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert checkpoint_step(run) == stopped  # nothing lost
     if sig == signal.SIGINT:  # the same code path for both; one resume shows it continues exactly
@@ -223,7 +223,7 @@ def test_a_disk_that_refuses_the_checkpoint_keeps_the_previous_one(workdir, refe
     import shutil
 
     shutil.copytree(workdir / "reference", run)
-    size = (run / checkpoint.CHECKPOINT).stat().st_size
+    size = (run / rundir.CHECKPOINT).stat().st_size
 
     more = [f"--train.max_steps={STEPS + 2 * EVERY}"]
     # No file may grow past half a checkpoint: every checkpoint write fails part-way, as on a full disk.
@@ -245,7 +245,7 @@ def test_a_disk_that_refuses_the_checkpoint_keeps_the_previous_one(workdir, refe
 def test_a_tensorboard_log_that_cannot_be_written_does_not_stop_training(workdir, reference):
     """The event file hits a file-size limit (as on a full disk) that the checkpoint stays under: one
     warning, training and its checkpoints go on, and the log written so far still reads."""
-    limit = 2 * (workdir / "reference" / checkpoint.CHECKPOINT).stat().st_size
+    limit = 2 * (workdir / "reference" / rundir.CHECKPOINT).stat().st_size
     # An evaluation (histograms of every tensor, a sample) at every step makes the event file outgrow the limit.
     proc = Proc(train_args("tbfull") + ["--train.eval_interval=1"], workdir, file_size_limit=limit)
     assert proc.finish() == 0, proc.stderr

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, read_texts
+
 from tinylm.config import DataConfig
 from tinylm.errors import UserError
 from tinylm.prepare import cache_key, prepare

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
+
 from tinylm.errors import UserError
 from tinylm.hf import read_pretrained
 from tinylm.model import GPT
@@ -91,15 +91,17 @@ def test_untied_bare_gpt2model_keys_pytorch_bin_and_vocab_merges(tmp_path):
 def test_fine_tuning_starts_from_the_pretrained_weights(gpt2_folder, tmp_path):
     """The step-0 validation loss of an --init_from run is the loss transformers' model gives on the
     same windows of the corpus, tokenized with the folder's tokenizer."""
+    from tinylm.console import Console
+    from tinylm.loop import train
     from tinylm.prepare import prepare
-    from tinylm.train import evaluate, train
+    from tinylm.step import evaluate
 
     folder, reference = gpt2_folder
     (tmp_path / "corpus.txt").write_text(TEXT)
     cfg = tiny_config(tmp_path, [tmp_path / "corpus.txt"], train={"init_from": str(folder), "max_steps": 4,
                                                                    "eval_interval": 4, "sample_tokens": 0})
     lines: list[str] = []
-    result = train(cfg, run_dir=tmp_path / "run", out=lines.append)
+    result = train(cfg, run_dir=tmp_path / "run", console=Console(lines.append))
     assert any(line.startswith(f"initialised from {folder}: 2 layers, 4 heads, 32 wide, context 32") for line in lines)
     step0 = float(re.search(r"step 0: val loss ([\d.]+)", "\n".join(lines)).group(1))
 
@@ -115,26 +117,27 @@ def test_fine_tuning_starts_from_the_pretrained_weights(gpt2_folder, tmp_path):
     assert math.isclose(step0, expected, abs_tol=1e-4)
     from tinylm import config
 
-    saved = config.load(Path(result["run_dir"]) / "config.yaml")  # the folder's shape, recorded for resume and export
+    saved = config.load(Path(result.run_dir) / "config.yaml")  # the folder's shape, recorded for resume and export
     assert (saved.model.n_layer, saved.model.n_head, saved.model.n_embd, saved.model.block_size) == (2, 4, 32, 32)
     assert saved.train.init_from == str(folder)
     saved.train.max_steps = 6  # a fine-tuning run resumes like any other (same tokenizer, same data)
-    assert train(saved, run_dir=result["run_dir"], resume=True, out=lines.append)["step"] == 6
+    assert train(saved, run_dir=result.run_dir, resume=True, console=Console(lines.append)).step == 6
 
     from tinylm.export import export  # the fine-tuned run exports like any other, and says where it came from
 
-    assert export(result["run_dir"], tmp_path / "hf", out=lambda s: None)["max_logit_diff"] < 1e-4
+    assert export(result.run_dir, tmp_path / "hf", out=lambda s: None)["max_logit_diff"] < 1e-4
     assert f"fine-tuned from `{folder}`" in (tmp_path / "hf" / "README.md").read_text()
 
 
 def test_block_size_beyond_the_pretrained_positions_is_refused(gpt2_folder, tmp_path):
-    from tinylm.train import train
+    from tinylm.console import QUIET
+    from tinylm.loop import train
 
     folder, _ = gpt2_folder
     (tmp_path / "corpus.txt").write_text(TEXT)
     cfg = tiny_config(tmp_path, [tmp_path / "corpus.txt"], model={"block_size": 128}, train={"init_from": str(folder)})
     with pytest.raises(UserError, match="model.block_size=128 exceeds the 64 positions"):
-        train(cfg, run_dir=tmp_path / "run", out=lambda s: None)
+        train(cfg, run_dir=tmp_path / "run", console=QUIET)
 
 
 def test_init_from_a_missing_folder_is_one_line(tmp_path):

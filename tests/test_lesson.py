@@ -5,12 +5,19 @@ import re
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from tinylm.anatomy import GPT2_SMALL, GPT2_VOCAB, GPT2_XL, parameter_formula
 from tinylm.config import Config, ModelConfig
-from tinylm.lesson import (LESSON_PATH, POINTS, neuron_step, section_activations, section_neuron, softmax_example,
-                           values_and_slopes)
+from tinylm.lesson import (
+    LESSON_PATH,
+    POINTS,
+    neuron_step,
+    section_activations,
+    section_neuron,
+    softmax_example,
+    values_and_slopes,
+)
 from tinylm.model import ACTIVATIONS, GPT, MLP
 
 DOC = ROOT / LESSON_PATH

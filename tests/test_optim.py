@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from tinylm.config import TrainConfig
 from tinylm.model import GPT
-from tinylm.optim import Muon, orthogonalize
-from tinylm.train import make_optimizer
+from tinylm.optim import Muon, make_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])

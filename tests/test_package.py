@@ -9,10 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 from test_cli import run, unprivileged
-from tinylm import __version__, config, confdoc
+
+from tinylm import __version__, confdoc, config
 from tinylm.cli import main
 
 

@@ -9,16 +9,13 @@ import time
 
 import pytest
 import torch
+from conftest import markov_text, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import markov_text, tiny_config
-from tinylm import checkpoint, guard
+from tinylm import checkpoint, guard, rundir
+from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
-from tinylm.train import train
-
-
-def quiet(line: str) -> None:
-    pass
+from tinylm.loop import train
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +35,7 @@ def test_resume_is_bit_identical(tmp_path, markov_file):
     # Dropout and two micro-batches per step: the resume must restore torch's RNG and the batch sampler.
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, model={"dropout": 0.1},
                       train={"max_steps": 24, "eval_interval": 8, "log_interval": 1, "sample_tokens": 8, "grad_accum": 2})
-    straight = train(cfg, run_dir=tmp_path / "straight", out=quiet)
+    straight = train(cfg, run_dir=tmp_path / "straight", console=QUIET)
 
     # The split run evaluates (and samples) every 5 steps, which must not disturb training, and is stopped
     # by a real SIGINT after its evaluation at step 10, a step where the straight run saved nothing.
@@ -49,38 +46,39 @@ def test_resume_is_bit_identical(tmp_path, markov_file):
         if line.startswith("step 10:"):
             signal.raise_signal(signal.SIGINT)  # to this thread: handled before the loop goes on
 
-    first = train(split_cfg, run_dir=tmp_path / "split", out=interrupt_at_10)
-    assert first["interrupted"] and first["signal"] == signal.SIGINT and first["step"] == 10
+    first = train(split_cfg, run_dir=tmp_path / "split", console=Console(interrupt_at_10))
+    assert first.interrupted and first.signal == signal.SIGINT and first.step == 10
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
     lines: list[str] = []
     # TensorBoard reads a folder's event files in name order: whole seconds, then a per-process counter
     # compared as text (".10" before ".9"), so a resume within the same second can sort first: start the
     # resumed run in the next second, as any real resume is.
     time.sleep(max(0.0, 1.05 - time.time() % 1.0))
-    resumed = train(cfg, run_dir=tmp_path / "split", resume=True, out=lines.append)
+    resumed = train(cfg, run_dir=tmp_path / "split", resume=True, console=Console(lines.append))
     assert "resume: train.eval_interval: 5 -> 8" in lines and "resumed " + str(tmp_path / "split") + " at step 10" in lines
 
-    assert resumed["step"] == straight["step"] == 24
-    for (name, a), (_, b) in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().items()):
-        assert torch.equal(a, b), name
-    a_opt = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["optimizer"]["state"]
-    b_opt = checkpoint.load(tmp_path / "split" / "checkpoint.pt")["optimizer"]["state"]
+    assert resumed.step == straight.step == 24
+    a, b = (checkpoint.load(tmp_path / name / rundir.CHECKPOINT) for name in ("straight", "split"))
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    a_opt, b_opt = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(a_opt[i][k], b_opt[i][k]) for i in a_opt for k in a_opt[i])
     curve = train_losses(tmp_path / "straight")
     assert [s for s, _ in curve] == list(range(1, 25)) and train_losses(tmp_path / "split") == curve
-    assert resumed["val_loss"] == straight["val_loss"]
+    assert resumed.metrics["val_loss"] == straight.metrics["val_loss"]
 
 
 def test_resume_refuses_what_matters_and_allows_the_rest(tmp_path, markov_file):
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, train={"max_steps": 4, "eval_interval": 4, "sample_tokens": 0})
     run = tmp_path / "run"
-    train(cfg, run_dir=run, out=quiet)
+    train(cfg, run_dir=run, console=QUIET)
 
     def refused(change, message: str) -> None:
         changed = copy.deepcopy(cfg)
         change(changed)
         with pytest.raises(UserError, match=message):
-            train(changed, run_dir=run, resume=True, out=quiet)
+            train(changed, run_dir=run, resume=True, console=QUIET)
 
     refused(lambda c: setattr(c.model, "n_layer", 2), r"model.n_layer was 1 and is now 2 \(the architecture must not change\)")
     refused(lambda c: setattr(c.model, "tie_embeddings", False), r"model.tie_embeddings was True and is now False")
@@ -102,16 +100,16 @@ def test_resume_refuses_what_matters_and_allows_the_rest(tmp_path, markov_file):
     later.data.paths, later.data.cache_dir = [str(moved)], str(tmp_path / "cache2")
     later.train.max_steps, later.train.max_time = 8, 600.0
     lines: list[str] = []
-    assert train(later, run_dir=run, resume=True, out=lines.append)["step"] == 8
+    assert train(later, run_dir=run, resume=True, console=Console(lines.append)).step == 8
     assert "resume: train.max_steps: 4 -> 8" in lines and any(l.startswith("resume: data.paths:") for l in lines)
 
 
 def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, markov_file):
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, train={"max_steps": 2, "sample_tokens": 0})
-    train(cfg, run_dir=tmp_path / "run", out=quiet)
+    train(cfg, run_dir=tmp_path / "run", console=QUIET)
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(UserError, match="already holds a checkpoint; continue it with --resume"):
-        train(cfg, run_dir=tmp_path / "run", out=quiet)
+        train(cfg, run_dir=tmp_path / "run", console=QUIET)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
@@ -122,8 +120,8 @@ def test_isolated_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, mar
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"},
                       train={"max_steps": 12, "eval_interval": 4, "log_interval": 1, "sample_tokens": 0, "max_bad_steps": 3})
     lines: list[str] = []
-    result = train(cfg, run_dir=tmp_path / "run", out=lines.append)
-    assert result["step"] == 12 and math.isfinite(result["val_loss"])
+    result = train(cfg, run_dir=tmp_path / "run", console=Console(lines.append))
+    assert result.step == 12 and math.isfinite(result.metrics["val_loss"])
     warnings = [line for line in lines if "not finite" in line]
     assert [int(w.split()[2].rstrip(":")) for w in warnings] == sorted(bad)
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
@@ -141,12 +139,12 @@ def test_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"^training diverged: the loss or the gradient was not finite for 3 steps in a "
                                         r"row \(steps 9-11\), each skipped; .*checkpoint.pt still holds step 8; lower train.lr"):
-        train(cfg, run_dir=run, out=quiet)
+        train(cfg, run_dir=run, console=QUIET)
     state = checkpoint.load(run / "checkpoint.pt")
     assert state["step"] == 8 and all(torch.isfinite(t).all() for t in state["model"].values())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.delenv("TINYLM_TEST_NAN_STEPS")
-    assert train(cfg, run_dir=run, resume=True, out=quiet)["step"] == 16  # the kept checkpoint resumes
+    assert train(cfg, run_dir=run, resume=True, console=QUIET).step == 16  # the kept checkpoint resumes
 
 
 def guarded_step(model, opt, g, n: int, poison: str = "") -> list[torch.Tensor]:

@@ -2,14 +2,16 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_config
-from tinylm import checkpoint
+from tinylm import rundir
 from tinylm.config import TrainConfig
+from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
+from tinylm.loop import train
 from tinylm.model import GPT
-from tinylm.train import learning_rate, make_optimizer, train
+from tinylm.optim import learning_rate, make_optimizer
 
 SCALARS = {"train/loss", "val/loss", "val/bpb", "val/ppl", "lr", "grad_norm", "tokens_per_sec"}
 
@@ -19,12 +21,12 @@ def test_learns_a_markov_chain_down_to_its_entropy(tmp_path, markov_file):
     # (every target has at least its predecessor as context), and no model can go below it.
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"},
                       train={"max_steps": 150, "eval_interval": 150, "eval_batches": 20, "lr": 1e-2, "min_lr": 1e-3})
-    result = train(cfg, run_dir=tmp_path / "run", out=lambda s: None)
+    result = train(cfg, run_dir=tmp_path / "run", console=QUIET)
     start = EventAccumulator(str(tmp_path / "run")).Reload().Scalars("val/loss")[0].value
     assert abs(start - math.log(9)) < 0.1  # untrained: uniform over 8 letters + end-of-text
-    assert math.log(2) - 0.01 < result["val_loss"] < math.log(2) + 0.05
+    assert math.log(2) - 0.01 < result.metrics["val_loss"] < math.log(2) + 0.05
     # One character is one byte here, so bits per byte is the loss in bits (EOT adds one token per split).
-    assert result["val_bpb"] == pytest.approx(result["val_loss"] / math.log(2), rel=1e-3)
+    assert result.metrics["val_bpb"] == pytest.approx(result.metrics["val_loss"] / math.log(2), rel=1e-3)
 
 
 def test_run_directory_holds_everything(trained_run):
@@ -74,23 +76,28 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
-def test_checkpoint_reloads_the_trained_model(trained_run):
-    _, _, loaded, state = checkpoint.load_run(trained_run["run_dir"])
-    trained = trained_run["model"].eval()
-    idx = torch.randint(loaded.vocab_size, (2, 16))
-    assert torch.equal(loaded(idx)[0], trained(idx)[0])
+def test_checkpoint_holds_the_weights_of_the_final_evaluation(trained_run):
+    from tinylm.prepare import prepare
+    from tinylm.step import evaluate
+
+    loaded, state = rundir.load(trained_run["run_dir"])[2:]
     assert state["step"] == trained_run["step"] == 100
+    # The reloaded weights score the run's own final validation loss on the same fixed windows.
+    cfg = trained_run["cfg"]
+    val = evaluate(loaded, prepare(cfg.data).val, cfg.train, cfg.model.block_size, torch.device("cpu"), None,
+                   cfg.train.seed + 1)
+    assert val == pytest.approx(trained_run["val_loss"], rel=1e-6)
 
 
 def test_resume_continues_and_refuses_architecture_change(tmp_path, markov_file):
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, train={"max_steps": 20, "sample_tokens": 0})
-    train(cfg, run_dir=tmp_path / "run", out=lambda s: None)
+    train(cfg, run_dir=tmp_path / "run", console=QUIET)
     cfg.train.max_steps = 30  # more steps is a harmless change
-    result = train(cfg, run_dir=tmp_path / "run", resume=True, out=lambda s: None)
-    assert result["step"] == 30
+    result = train(cfg, run_dir=tmp_path / "run", resume=True, console=QUIET)
+    assert result.step == 30
     cfg.model.n_embd = 64
     with pytest.raises(UserError, match="model.n_embd was 32 and is now 64"):
-        train(cfg, run_dir=tmp_path / "run", resume=True, out=lambda s: None)
+        train(cfg, run_dir=tmp_path / "run", resume=True, console=QUIET)
 
 
 def test_text_shorter_than_one_window_is_refused(tmp_path):
@@ -98,7 +105,7 @@ def test_text_shorter_than_one_window_is_refused(tmp_path):
     p.write_text("just a few words\n" * 3)
     cfg = tiny_config(tmp_path, [p], data={"tokenizer": "char"})
     with pytest.raises(UserError, match="fewer than one training window"):
-        train(cfg, run_dir=tmp_path / "run", out=lambda s: None)
+        train(cfg, run_dir=tmp_path / "run", console=QUIET)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -106,11 +113,11 @@ def test_log_says_plainly_whether_there_are_biases_and_they_train(tmp_path, mark
     lines: list[str] = []
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, model={"bias": bias},
                       train={"max_steps": 20, "eval_interval": 20, "sample_tokens": 0, "optimizer": "muon"})
-    result = train(cfg, run_dir=tmp_path / "run", out=lines.append)
+    result = train(cfg, run_dir=tmp_path / "run", console=Console(lines.append))
     log = "\n".join(lines)
     assert ("with biases: model.bias=true" in log) == bias
     assert ("no biases: model.bias=false" in log) == (not bias)
     assert "Muon: " in log and "block matrices" in log
-    biases = {n: p for n, p in result["model"].named_parameters() if n.endswith(".bias")}
+    biases = {n: p for n, p in rundir.load(result.run_dir).model.named_parameters() if n.endswith(".bias")}
     assert bool(biases) == bias
     assert all(p.abs().sum() > 0 for p in biases.values())  # started at zero: the optimizer moved them

@@ -1,20 +1,20 @@
-"""A run directory's files on disk: written so that they are always whole, read so that nothing runs.
+"""A run's checkpoint on disk: written so that it is always whole, read so that nothing in it runs.
 
-Writing: every file of a run (checkpoint, config, tokenizer) goes to a temporary file beside its target,
-is flushed and fsynced, then renamed over the old one (a rename is atomic on POSIX), and the directory
-is fsynced so that the rename itself survives a power cut. A process killed at any moment leaves the
-old file or the new one, never half of one. A failed write (disk full, permission denied) removes its
-temporary file, leaves the previous checkpoint untouched and raises `SaveError`; `Saver` remembers
-which step is on disk and lets the training loop go on (a periodic save) or stop (the last save).
+Writing: `atomic_file` (which writes every file of a run: tinylm/rundir.py) writes a temporary file
+beside its target, flushes and fsyncs it, then renames it over the old one (a rename is atomic on POSIX),
+and the directory is fsynced so that the rename itself survives a power cut. A process killed at any
+moment leaves the old file or the new one, never half of one. A failed write (disk full, permission
+denied) removes its temporary file, leaves the previous checkpoint untouched and raises `SaveError`;
+`Saver` remembers which step is on disk and lets the training loop go on (a periodic save) or stop
+(the last save).
 
 Reading: a checkpoint is `torch.save`'s zip archive. `load` checks every member's CRC-32 with `zipfile`
 (torch does not, so a flipped byte in a tensor would otherwise load as a wrong number), then unpickles
 with `torch.load(weights_only=True)`, which accepts only tensors and plain data: a file crafted to run
 code when unpickled is refused, not executed. Every failure is one line naming the file.
 
-Resuming: `check_resume` and `check_resume_data` refuse a checkpoint whose model, tokenizer or data
-differ from the new config's, naming the difference, and list the harmless changes (train.*: more
-steps, a new time limit, another device); `restore` puts back everything an exact resume needs.
+Resuming: `restore` puts back everything an exact resume needs (whether a checkpoint may be resumed
+under a config is tinylm/rundir.py's decision).
 
 Test hook: TINYLM_TEST_SAVE_PAUSE=N:SECONDS makes this process's N-th checkpoint save say so on stderr
 and sleep after the temporary file is written and before it is renamed, so that a test can SIGKILL a
@@ -40,8 +40,6 @@ import torch
 
 from tinylm.errors import UserError
 
-LOCK = ".lock"  # held by the process training in a run directory (run_lock)
-CHECKPOINT = "checkpoint.pt"
 RUN_KEYS = ("model", "vocab_size", "config")  # what sampling needs
 RESUME_KEYS = RUN_KEYS + ("optimizer", "step", "tokens", "elapsed", "best_val", "batch_rng", "rng")
 
@@ -124,61 +122,6 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         raise SaveError(f"could not write {path}: {_reason(e)}") from None
 
 
-def write_run_files(run_dir: Path, config_text: str, tokenizer: Path, data_json: str) -> None:
-    """config.yaml, tokenizer.json and data.json of a run, each written atomically."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, content in (("config.yaml", config_text.encode()), ("tokenizer.json", tokenizer.read_bytes()),
-                              ("data.json", data_json.encode())):
-            with atomic_file(run_dir / name) as f:
-                f.write(content)
-    except OSError as e:
-        raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold run_dir for this process while it trains: a second trainer started on the same directory
-    stops with a one-line error instead of both writing one checkpoint. The lock is the OS's (flock on
-    run_dir/.lock), so it goes when the process ends, however it ends: a killed run leaves none behind.
-    If the run fails before writing anything, the directory this created is removed again."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; keeping to one trainer per directory is up to the user
-        yield
-        return
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / LOCK, "a+")
-    except OSError as e:
-        raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            pid = f.read().strip()
-            raise UserError(f"{run_dir} is in use by another training process{f' (pid {pid})' if pid else ''}; "
-                            "wait for it to end, or pick another --run_dir") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        except BaseException:
-            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
-                (run_dir / LOCK).unlink()  # a run that failed before its first file leaves no empty folder
-                run_dir.rmdir()
-            raise
-
-
-def remove_stale_temps(run_dir: Path) -> None:
-    """Delete temporary files a killed process left behind (its checkpoint on disk is the old one)."""
-    for tmp in run_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 class Saver:
     """Saves a run's checkpoint and remembers which step is on disk, to say what a failure keeps."""
 
@@ -239,69 +182,6 @@ def require(state: Any, keys: tuple[str, ...], path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} is not a tinylm training checkpoint (it lacks {', '.join(missing)})")
     return state
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(config, tokenizer, model, checkpoint state) of a run directory, the model in eval mode."""
-    from tinylm import config as config_
-    from tinylm.model import GPT
-    from tinylm.tokenizer import TextTokenizer
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
-    if not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"{run_dir} holds no checkpoint ({CHECKPOINT}); train into it first")
-    cfg = config_.load(run_dir / "config.yaml")
-    tok = TextTokenizer.load(run_dir / "tokenizer.json")
-    state = require(load(run_dir / CHECKPOINT, map_location=device), RUN_KEYS, run_dir / CHECKPOINT)
-    model = GPT(cfg.model, state["vocab_size"])
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"checkpoint {run_dir / CHECKPOINT} does not match {run_dir / 'config.yaml'}: {str(e).splitlines()[0]}") from None
-    return cfg, tok, model.to(device).eval(), state
-
-
-# ---------------------------------------------------------------- resuming
-
-
-def check_resume(state: dict[str, Any], cfg, path: Path) -> list[str]:
-    """Refuse (UserError naming the key) resuming `state` under cfg if the model or the tokenizer settings
-    differ; return every difference for the log ("train.max_steps: 40 -> 80"), the data's checked later
-    by `check_resume_data` (run before the data is prepared, so a refusal comes at once)."""
-    from tinylm import config as config_
-
-    require(state, RESUME_KEYS, path)
-    changed = config_.diff(config_.from_dict(state["config"], source=f"config in {path}"), cfg)
-    for key, (old, new) in changed.items():
-        what = "the architecture" if key.startswith("model.") else "the tokenizer" if key in ("data.tokenizer", "data.vocab_size") else ""
-        if what:
-            raise UserError(f"cannot resume from {path}: {key} was {old!r} and is now {new!r} ({what} must not change); "
-                            "start a new run instead")
-    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
-
-
-def check_resume_data(state: dict[str, Any], cfg, data_id: dict[str, Any], path: Path) -> None:
-    """Refuse resuming on data other than the checkpoint's. The data is compared by its fingerprint
-    (tokenizer file, token ids), so moving the corpus or the cache is fine while editing the text is not;
-    a checkpoint without a fingerprint compares the data settings instead."""
-    from tinylm import config as config_
-
-    changed = config_.diff(config_.from_dict(state["config"], source=f"config in {path}"), cfg)
-    data_keys = [k for k in changed if k.startswith("data.") and k != "data.cache_dir"]
-    old_id = state.get("data")
-    if old_id == data_id or (old_id is None and not data_keys):
-        return
-    if old_id is None:
-        what = "the data settings changed"
-    elif old_id.get("tokenizer_sha256") != data_id["tokenizer_sha256"]:
-        what = "the tokenizer differs from the one the checkpoint was trained with"
-    else:
-        what = (f"the data differs from the checkpoint's (train/val tokens {old_id.get('train_tokens'):,}/"
-                f"{old_id.get('val_tokens'):,}, now {data_id['train_tokens']:,}/{data_id['val_tokens']:,})")
-    keys = "; ".join(f"{k} was {changed[k][0]!r} and is now {changed[k][1]!r}" for k in data_keys)
-    raise UserError(f"cannot resume from {path}: {what}{f' ({keys})' if keys else ''}; start a new run instead")
 
 
 def rng_state() -> dict[str, Any]:

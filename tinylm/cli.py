@@ -56,7 +56,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from tinylm import confdoc, config as config_
+    from tinylm import confdoc
+    from tinylm import config as config_
 
     rest, overrides = split_overrides(argv)
     # The settings (--section.field=VALUE) are taken out of argv above; the epilog documents them and the recipes.
@@ -79,13 +80,10 @@ def cmd_train(argv: list[str]) -> int:
     config_path = args.config
     run_dir = args.run_dir
     if args.resume:
-        from tinylm.checkpoint import CHECKPOINT
+        from tinylm import rundir
 
-        if not Path(args.resume).is_dir():
-            raise UserError(f"run directory not found: {args.resume}")
-        if not (Path(args.resume) / CHECKPOINT).is_file():
-            raise UserError(f"{args.resume} holds no checkpoint ({CHECKPOINT}) to resume from")
-        config_path = config_path or str(Path(args.resume) / "config.yaml")
+        rundir.require_checkpoint(args.resume, " to resume from")  # before its config.yaml is read
+        config_path = config_path or str(Path(args.resume) / rundir.CONFIG)
         run_dir = args.resume
     cfg = config_.load(config_path, overrides)
     name = Path(args.config).stem if args.config else "default"
@@ -95,11 +93,11 @@ def cmd_train(argv: list[str]) -> int:
         first = args.data[0]
         name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)
 
-    from tinylm.train import train
+    from tinylm.loop import train
 
     result = train(cfg, run_dir=run_dir, resume=bool(args.resume), name=name)
     # Stopped by a signal: the shell's convention, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
-    return 128 + result["signal"] if result.get("interrupted") else 0
+    return 128 + result.signal if result.interrupted else 0
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -127,12 +125,12 @@ def cmd_sample(argv: list[str]) -> int:
 
     import torch
 
-    from tinylm.checkpoint import load_run
+    from tinylm import rundir
     from tinylm.generate import generate
-    from tinylm.train import pick_device
+    from tinylm.hardware import pick_device
 
     device = pick_device(args.device)
-    _, tok, model, _ = load_run(args.run_dir, device)
+    _, tok, model, _ = rundir.load(args.run_dir, device)
     prompt = tok.encode(args.prompt) if args.prompt else []
     gen = torch.Generator(device=device)
     if args.seed is None:

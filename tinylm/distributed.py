@@ -1,4 +1,5 @@
-"""One training run in several processes: the pieces of PyTorch's distributed stack that tinylm/train.py uses.
+"""One training run in several processes: the pieces of PyTorch's distributed stack that the training
+loop (tinylm/loop.py, tinylm/step.py) uses.
 
 Launch with torchrun, which starts the processes and tells each its place in environment variables:
 
@@ -26,7 +27,8 @@ What the loop needs from it, and why:
   The loss the blow-up guard judges is averaged over the processes; a stop signal that reaches any
   process stops all of them at the same step; the clock the schedule and train.max_time follow is the
   slowest process's; a failed save or data preparation on one process is everyone's error.
-* only rank 0 writes: the console, TensorBoard (`NullWriter` elsewhere), run files and checkpoints.
+* only rank 0 writes: the console (tinylm.console.QUIET elsewhere), TensorBoard (`NullWriter` elsewhere),
+  run files and checkpoints.
 """
 
 from __future__ import annotations
@@ -50,10 +52,6 @@ class NullWriter:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
-
-
-def quiet(line: str) -> None:
-    """The console of processes other than rank 0."""
 
 
 @dataclass
@@ -195,8 +193,11 @@ class Dist:
         CPU (every process must call this; the others get empty dicts)."""
         if self.strategy != "fsdp":
             return model.state_dict(), optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
@@ -215,8 +216,11 @@ class Dist:
         """Functions that load a full (single-process) model state and optimizer state into this process."""
         if self.strategy != "fsdp":
             return model.load_state_dict, optimizer.load_state_dict
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True)
 

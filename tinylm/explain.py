@@ -15,7 +15,6 @@ The lesson, every number computed by PyTorch as it is printed:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,8 +24,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinylm.anatomy import (GPT2_SMALL, GPT2_VOCAB, GPT2_XL, display_name, format_parameter_table, formula_text,
-                            parameter_formula, parameter_summary, parameter_table, role)
+from tinylm.anatomy import (
+    GPT2_SMALL,
+    GPT2_VOCAB,
+    GPT2_XL,
+    display_name,
+    format_parameter_table,
+    formula_text,
+    parameter_formula,
+    parameter_summary,
+    parameter_table,
+    role,
+)
 from tinylm.config import Config
 from tinylm.errors import UserError
 from tinylm.lesson import section_activations, section_neuron
@@ -86,7 +95,7 @@ class Watched:
     name: str  # e.g. "blocks.0.attn.qkv.weight[3, 17]"
     kind: str  # "weight" or "bias"
     before: float
-    grad: float
+    grad: float  # as AdamW received it: clipped to train.grad_clip, as in training
     after: float
     m: float  # AdamW's running average of the gradient, before this step (0 on the first step)
     v: float  # ... and of the squared gradient
@@ -126,13 +135,18 @@ def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def optimizer_step(model: GPT, x: torch.Tensor, y: torch.Tensor, train_cfg, lr: float,
                    optimizer_state: dict | None = None, step: int = 0) -> StepReport:
-    """One AdamW step on batch (x, y), watching the entry with the largest gradient of one weight matrix and
-    of that layer's bias. The optimizer is the run's (tinylm.train.make_optimizer, its state from
-    `optimizer_state` after `step` steps if given) when that is AdamW, else a fresh AdamW with the same
-    weight decay on matrices and embeddings: the lesson explains AdamW's rule, number by number."""
-    from tinylm.train import make_optimizer
+    """One training step on batch (x, y), the training loop's own (tinylm.step.train_step: forward,
+    backward, the gradient clipped to train.grad_clip, the update), watching the entry with the largest
+    gradient of one weight matrix and of that layer's bias as the optimizer receives them. The optimizer
+    is the run's (tinylm.optim.make_optimizer, its state from `optimizer_state` after `step` steps if
+    given) when that is AdamW, else a fresh AdamW with the same weight decay on matrices and embeddings:
+    the lesson explains AdamW's rule, number by number."""
+    from tinylm.distributed import Dist
+    from tinylm.optim import make_optimizer
+    from tinylm.step import MicroBatch, make_learner, train_step
 
-    opt = make_optimizer(model, train_cfg, torch.device("cpu"))
+    device = next(model.parameters()).device
+    opt = make_optimizer(model, train_cfg, device)
     if type(opt) is torch.optim.AdamW:
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
@@ -143,16 +157,15 @@ def optimizer_step(model: GPT, x: torch.Tensor, y: torch.Tensor, train_cfg, lr: 
         others = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": matrices, "weight_decay": train_cfg.weight_decay},
                                  {"params": others, "weight_decay": 0.0}], betas=(train_cfg.beta1, train_cfg.beta2))
-    for group in opt.param_groups:
-        group["lr"] = lr
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     loss_before = eval_loss(model, x, y)
     model.train()
-    _, loss = model(x, y)
-    loss.backward()
     params = dict(model.named_parameters())
+    weight_name, bias_name = pick_pair(model)
+    watched: dict[str, Callable[[], Watched]] = {}
 
     def watch(name: str) -> Callable[[], Watched]:
+        """The entry's gradient and AdamW's memory now, just before the update; its value after, when called."""
         p = params[name]
         index = tuple(int(i) for i in np.unravel_index(int(p.grad.abs().argmax()), tuple(p.shape)))
         memory = opt.state.get(p) or {}
@@ -163,13 +176,17 @@ def optimizer_step(model: GPT, x: torch.Tensor, y: torch.Tensor, train_cfg, lr: 
         kind = "bias" if name.endswith(".bias") else "weight"
         return lambda: Watched(label, kind, before, grad, p[index].item(), m, v, t, decay[id(p)])
 
-    weight_name, bias_name = pick_pair(model)
-    weight = watch(weight_name)
-    bias = watch(bias_name) if bias_name else None
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return StepReport(loss_before, eval_loss(model, x, y), weight(), bias() if bias else None, lr,
-                      opt.defaults["betas"], opt.defaults["eps"], how)
+    def before_update(optimizer, args, kwargs) -> None:  # the gradients are final (clipped) by now
+        watched.update({name: watch(name) for name in (weight_name, bias_name) if name})
+
+    hook = opt.register_step_pre_hook(before_update)
+    try:
+        train_step(make_learner(model, opt, Dist(device), None, compile=False), [MicroBatch(x, y)], lr,
+                   train_cfg.grad_clip)
+    finally:
+        hook.remove()
+    return StepReport(loss_before, eval_loss(model, x, y), watched[weight_name](),
+                      watched[bias_name]() if bias_name else None, lr, opt.defaults["betas"], opt.defaults["eps"], how)
 
 
 def adamw_by_hand(w: Watched, lr: float, betas: tuple[float, float], eps: float) -> float:
@@ -260,13 +277,11 @@ def section_neighbors(emb: torch.Tensor, tok, words: list[str], example: int, tr
 
 def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
     """The token ids a run trained on: its data cache if still there, else prepared again from its config."""
+    from tinylm import rundir
     from tinylm.prepare import prepare
 
-    try:
-        info = json.loads((run_dir / "data.json").read_text())
-    except (OSError, ValueError):  # missing or damaged: prepare the data again
-        info = {}
-    cache = Path(info.get("cache", "")) if isinstance(info, dict) else Path()
+    info = rundir.read_data(run_dir)  # {} if missing or damaged: prepare the data again
+    cache = Path(info.get("cache", ""))
     if info and (cache / "train.bin").is_file():
         return np.memmap(cache / "train.bin", dtype=np.dtype(info["dtype"]), mode="r"), f"the run's training data ({cache})"
     prep = prepare(cfg.data, tokenizer=tok)  # the run's own tokenizer (a fine-tuned GPT-2's, say), not a new one
@@ -276,10 +291,10 @@ def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
 def explain(run_dir: str | Path | None = None, neighbors: list[str] | None = None,
             out: Callable[[str], None] = print) -> None:
     """Print the lesson: the default recipe's untrained model, or the trained model in run_dir."""
+    from tinylm import rundir
     from tinylm.batches import get_batch
-    from tinylm.checkpoint import load_run
+    from tinylm.optim import learning_rate, progress
     from tinylm.prepare import prepare
-    from tinylm.train import learning_rate, progress
 
     neighbors = neighbors or []
     if run_dir is None and neighbors:
@@ -295,7 +310,7 @@ def explain(run_dir: str | Path | None = None, neighbors: list[str] | None = Non
         step, elapsed, optimizer_state = 0, 0.0, None
     else:
         run_dir = Path(run_dir)
-        cfg, tok, model, state = load_run(run_dir, "cpu")
+        cfg, tok, model, state = rundir.load(run_dir, "cpu")
         for w in neighbors:  # a bad word fails now, before the long output
             token_id(tok, w)
         ids, source = _train_tokens(run_dir, cfg, tok)

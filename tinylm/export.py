@@ -9,6 +9,7 @@ The folder holds what `transformers` needs to load the model offline, and nothin
     special_tokens_map.json
     generation_config.json   tinylm sample's defaults: sampling at temperature 0.8, stop at <|endoftext|>
     README.md                a model card: training config, data, parameter count, final val loss
+                             (from the run's metrics.json)
 
 so that afterwards
 
@@ -29,7 +30,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from tinylm import hf
+from tinylm import hf, rundir
 from tinylm.errors import UserError
 from tinylm.tokenizer import EOT
 
@@ -63,28 +64,17 @@ def generation_config(eot_id: int, block_size: int) -> dict[str, Any]:
     }
 
 
-def final_val_loss(run_dir: Path) -> tuple[int, float, float] | None:
-    """(step, val loss, bits per byte) of the run's last evaluation, read from its TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = events.Tags().get("scalars", [])
-    if "val/loss" not in tags:
-        return None
-    last = events.Scalars("val/loss")[-1]
-    bpb = events.Scalars("val/bpb")[-1].value if "val/bpb" in tags else float("nan")
-    return last.step, last.value, bpb
+def result_line(metrics: dict | None, state: dict) -> str:
+    """The model card's result: the run's last evaluation (metrics.json), else the checkpoint's best val loss."""
+    if metrics and {"val_loss", "val_bpb", "eval_step", "best_val_loss"} <= metrics.keys():
+        return (f"final val loss {metrics['val_loss']:.4f} at step {metrics['eval_step']:,} "
+                f"({metrics['val_bpb']:.3f} bits per byte); best {metrics['best_val_loss']:.4f}")
+    return f"best val loss {state.get('best_val', float('nan')):.4f}"
 
 
 def model_card(run_dir: Path, out_dir: Path, cfg, data: dict, state: dict, n_params: int, arch: str) -> str:
     m = cfg.model
-    final = final_val_loss(run_dir)
-    if final:
-        step, loss, bpb = final
-        result = f"final val loss {loss:.4f} at step {step:,} ({bpb:.3f} bits per byte); best {state.get('best_val', loss):.4f}"
-    else:
-        result = f"best val loss {state.get('best_val', float('nan')):.4f}"
+    result = result_line(rundir.read_metrics(run_dir), state)
     sources = data.get("sources", [])
     shown = ", ".join(f"`{s}`" for s in sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
     tokenizer = "byte-level BPE" if data.get("tokenizer") == "bpe" else "characters"
@@ -159,25 +149,23 @@ def export(run_dir: str | Path, out_dir: str | Path, force: bool = False,
     """Write the Hugging Face folder for the run in run_dir; return what was written and checked."""
     from safetensors.torch import save_file
 
-    from tinylm.checkpoint import load_run
     from tinylm.anatomy import parameter_summary, parameter_table
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg, tok, model, state = load_run(run_dir, "cpu")
+    cfg, tok, model, state = rundir.load(run_dir, "cpu")
     arch = hf.architecture(cfg.model)  # refuses what transformers cannot express, saying why
     taken = [name for name in WRITTEN if (out_dir / name).exists()]
     if taken and not force:
         raise UserError(f"{out_dir} already holds an export ({taken[0]}); choose another folder or pass --force")
     vocab_size = state["vocab_size"]
     config, tensors = hf.to_hf(arch, cfg.model, model.state_dict(), vocab_size, tok.eot_id)
-    data_json = run_dir / "data.json"
-    data = json.loads(data_json.read_text()) if data_json.is_file() else {}
+    data = rundir.read_data(run_dir)
     n_params = parameter_summary(parameter_table(model))["total"]
     try:  # an OUT_DIR that is a file, unwritable, or on a full disk: one line
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        shutil.copyfile(run_dir / rundir.TOKENIZER, out_dir / "tokenizer.json")  # the same format
         for name, content in tokenizer_files(cfg.model.block_size).items():
             (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
         (out_dir / "generation_config.json").write_text(

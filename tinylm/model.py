@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -13,14 +13,25 @@ and restores it like any other optimizer.
 
     from tinylm.optim import Muon
     opt = Muon([{"params": matrices, "muon": True, "lr_scale": 10.0}, {"params": rest}], lr=2e-3)
+
+Below Muon: what a training run makes of it. `make_optimizer` builds a run's optimizer from its config
+(`describe_optimizer` says in words which tensors it moves how), and the learning-rate schedule is a pure
+function of the step and the elapsed time (`learning_rate`, `progress`), so a resumed run continues it.
+Gradient descent is the seed's w_new = w - lr * dL/dw, for millions of weights at once. Weight decay (a
+pull of every weight towards zero) applies to weight matrices and embeddings only: biases and norm gains
+are left undecayed, as GPT-2 and nanoGPT do, since shrinking an offset or a per-channel scale towards
+zero does not make the model simpler.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections import defaultdict
 
 import torch
+
+from tinylm.config import TrainConfig
 
 # Coefficients of the quintic iteration x <- a x + b (x x^T) x + c (x x^T)^2 x from Keller Jordan's Muon:
 # chosen to push every singular value in (0, 1] towards 1 as fast as possible in five steps (they end
@@ -155,3 +166,62 @@ class Muon(torch.optim.Optimizer):
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         adamw_step(params, self.state, group, self.fused)
+
+
+# ---------------------------------------------------------------- a run's optimizer and schedule
+
+
+def make_optimizer(
+    model: torch.nn.Module, t: TrainConfig, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings (2-D tensors) only.
+
+    With train.optimizer=muon (the default) the blocks' weight matrices (attention and MLP) move by Muon
+    instead, at peak rate train.muon_lr and in `dtype`'s precision where that is bfloat16; embeddings,
+    the output head, biases and norm gains stay with AdamW. Param groups: [0] decayed by AdamW, [1] not
+    decayed, [2] Muon.
+    """
+    named = list(model.named_parameters())
+    muon = [p for n, p in named if t.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    taken = {id(p) for p in muon}
+    decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")  # one kernel for all tensors: fewer passes over memory
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+    groups.append({"params": muon, "muon": True, "weight_decay": t.weight_decay, "lr_scale": t.muon_lr / t.lr})
+    return Muon(groups, lr=t.lr, betas=(t.beta1, t.beta2), ns_dtype=dtype or torch.float32, fused=fused)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer, t: TrainConfig) -> str:
+    """One line per optimizer part: which tensors are decayed, which are not, which Muon moves."""
+    count = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+    decayed = "embeddings" if len(count) > 2 else "matrices, embeddings"
+    lines = [
+        f"AdamW: weight decay {t.weight_decay} on {count[0]:,} weights ({decayed}); "
+        f"none on {count[1]:,} biases and norm gains"
+    ]
+    if len(count) > 2:
+        lines.append(
+            f"Muon: {count[2]:,} weights in {len(optimizer.param_groups[2]['params'])} block matrices "
+            f"(attention, MLP), peak lr {t.muon_lr}, weight decay {t.weight_decay}"
+        )
+    return "\n".join(lines)
+
+
+def learning_rate(step: int, progress: float, t: TrainConfig) -> float:
+    """Linear warmup over the first `warmup_steps`, then cosine decay from lr to min_lr.
+
+    `progress` in [0, 1] is how far the run is towards its end: steps over max_steps or, when a time
+    limit comes first, seconds over max_time, so the decay finishes whichever limit stops the run.
+    """
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warm * (t.min_lr + (t.lr - t.min_lr) * cosine)
+
+
+def progress(step: int, elapsed: float, t: TrainConfig) -> float:
+    """How far a run is towards its end after `step` steps and `elapsed` seconds: the nearer limit's share."""
+    by_time = elapsed / t.max_time if t.max_time else 0.0
+    return max(step / t.max_steps, by_time)

@@ -1,6 +1,8 @@
 """What training does to weights, biases and embeddings, written to TensorBoard.
 
-`tinylm/train.py` calls three functions; everything they write lands in the run's own event files:
+The training loop (tinylm/loop.py) opens the run's writer with `open_writer`, which logs the run's
+description once (parameter table, config, environment, hyperparameters), then calls three functions;
+everything they write lands in the run's own event files:
 
 * `log_histograms` at every evaluation: one histogram per parameter tensor, filed by kind
   (`weights/`, `biases/`, `embeddings/`, `norm_gains/`) and named by layer, e.g.
@@ -20,15 +22,52 @@ one warning, not the run.
 from __future__ import annotations
 
 import math
+import re
 import threading
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from tinylm import rundir
 from tinylm.anatomy import param_group
 
 HISTOGRAM_BINS = 64  # TensorBoard shows 30; its default 'tensorflow' bins make each histogram 7x larger on disk
 MAX_PROJECTOR_TOKENS = 8192  # the projector's file is text, ~8 bytes a number: cap large vocabularies
+
+
+def open_writer(run_dir: Path, cfg, table: str, summary: dict[str, int], environment: dict[str, str],
+                purge_step: int | None = None):
+    """A SummaryWriter into run_dir with the run's description logged once: parameter table, config,
+    environment, parameter counts and hyperparameters.
+
+    purge_step: TensorBoard hides what earlier writers logged at this step and later (a resumed run's
+    killed predecessor may have logged steps past its checkpoint)."""
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    # TensorBoard reads a run's event files in name order, and a name starts with the second it was made
+    # in (then host, pid, a counter): a resumed run's file made in its predecessor's second could sort first.
+    stamp = re.compile(re.escape(rundir.EVENTS) + r"(\d+)\.")
+    made = [int(m.group(1)) for p in rundir.event_files(run_dir) if (m := stamp.match(p.name))]
+    if made:  # at most a second: a file stamped in the future (a clock set back) must not hang the run
+        time.sleep(max(0.0, min(1.0, max(made) + 1 - time.time())))
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    writer.add_text("parameters", table)
+    writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
+    writer.add_text("environment", "\n".join(f"- {k}: {v}" for k, v in environment.items()))
+    for key in ("total", "embedding", "non_embedding", "weights", "biases"):
+        writer.add_scalar(f"parameters/{key}", summary[key], 0)
+    flat = {
+        f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for s, section in cfg.to_dict().items() for k, v in section.items()
+    }
+    # Written into this run's own event file (add_hparams would start a separate run folder).
+    for proto in hparams(flat, {"val/loss": 0.0, "val/bpb": 0.0}):
+        writer.file_writer.add_summary(proto)
+    return writer
 
 
 def histogram_tag(name: str, p: torch.Tensor) -> str:

@@ -1,0 +1,260 @@
+"""A run directory, the folder a user trains into, samples from, resumes and exports: its one owner.
+
+This module names every file of a run, writes them (each atomically: the old version or the new one,
+never half of one), holds the one-trainer lock, reads them back, and decides whether a checkpoint may be
+continued under a given config.
+
+    runs/<name>/
+        config.yaml           the run's settings: readable, editable (train.* may change on resume)
+        tokenizer.json        the tokenizer, in Hugging Face `tokenizers`' format
+        data.json             what the data was: sources, token counts, the cache it was prepared in
+        checkpoint.pt         weights, optimizer state, step, random states, and the config the weights
+                              were trained with (tinylm.checkpoint writes and reads it)
+        metrics.json          how far the run got and its last evaluation, rewritten at each evaluation
+        .lock                 held by the process training here
+        events.out.tfevents.* TensorBoard's log (tinylm.tblog)
+
+config.yaml and the checkpoint both hold the config: config.yaml is the copy a person reads and edits,
+the checkpoint's is the one its weights were trained with. `compare` is the one place they are set side
+by side, for resuming (`resume`) and for loading a run to sample from (`load`): it names the setting
+that disagrees with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tinylm import checkpoint
+from tinylm import config as config_
+from tinylm.config import Config
+from tinylm.errors import UserError
+
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
+DATA = "data.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+LOCK = ".lock"
+EVENTS = "events.out.tfevents."  # how TensorBoard's SummaryWriter starts the name of each event file
+# Settings the weights depend on, with what they are: a run cannot continue, or be sampled, under others.
+FIXED = {"model.": "the architecture", "data.tokenizer": "the tokenizer", "data.vocab_size": "the tokenizer"}
+
+
+def new_dir(name: str, root: Path = Path("runs")) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... if taken: a new run never overwrites an old one."""
+    candidate, n = root / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{name}-{n}"
+    return candidate
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob(EVENTS + "*"))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _cannot_write(run_dir: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold run_dir for this process while it trains: a second trainer started on the same directory
+    stops with a one-line error instead of both writing one checkpoint. The lock is the OS's (flock on
+    run_dir/.lock), so it goes when the process ends, however it ends: a killed run leaves none behind.
+    If the run fails before writing anything, the directory this created is removed again."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; keeping to one trainer per directory is up to the user
+        yield
+        return
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK, "a+")
+    except OSError as e:
+        raise _cannot_write(run_dir, e) from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip()
+            raise UserError(f"{run_dir} is in use by another training process{f' (pid {pid})' if pid else ''}; "
+                            "wait for it to end, or pick another --run_dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+                (run_dir / LOCK).unlink()  # a run that failed before its first file leaves no empty folder
+                run_dir.rmdir()
+            raise
+
+
+def write_files(run_dir: Path, cfg: Config, tokenizer: Path, data: dict[str, Any]) -> None:
+    """config.yaml, tokenizer.json (a copy of the file `tokenizer`) and data.json, each written atomically."""
+    contents = {CONFIG: config_.to_yaml(cfg).encode(), TOKENIZER: tokenizer.read_bytes(),
+                DATA: json.dumps(data, indent=2).encode()}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, content in contents.items():
+            with checkpoint.atomic_file(run_dir / name) as f:
+                f.write(content)
+    except OSError as e:
+        raise _cannot_write(run_dir, e) from None
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json, atomically; SaveError (the previous file kept) if the disk refuses."""
+    path = run_dir / METRICS
+    try:
+        with checkpoint.atomic_file(path) as f:
+            f.write((json.dumps(metrics, indent=2) + "\n").encode())
+    except OSError as e:
+        raise checkpoint.SaveError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete temporary files a killed process left behind (its checkpoint on disk is the old one)."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or damaged
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_data(run_dir: Path) -> dict[str, Any]:
+    """data.json, or {} if it is missing or damaged."""
+    return _read_json(Path(run_dir) / DATA) or {}
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """metrics.json, or None for a run that has none (one trained before tinylm wrote it) or a damaged one."""
+    return _read_json(Path(run_dir) / METRICS)
+
+
+def require_checkpoint(run_dir: str | Path, missing: str) -> Path:
+    """The checkpoint file of run_dir; one line if the folder or its checkpoint is not there ("X holds no
+    checkpoint (checkpoint.pt)" + `missing`, e.g. " to resume from")."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} holds no checkpoint ({CHECKPOINT}){missing}")
+    return run_dir / CHECKPOINT
+
+
+def trained_config(state: dict[str, Any], path: Path) -> Config:
+    """The config a checkpoint's weights were trained with."""
+    return config_.from_dict(state["config"], source=f"config in {path}")
+
+
+def compare(trained: Config, now: Config, refusal: str, advice: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (trained, now)} for every setting that differs between the config the weights were trained
+    with and `now`; a UserError "<refusal>: <key> was <old> and is now <new> (<what> must not change);
+    <advice>" when one of them is a setting the weights depend on (the architecture, the tokenizer)."""
+    changed = config_.diff(trained, now)
+    for key, (old, new) in changed.items():
+        what = next((what for prefix, what in FIXED.items() if key.startswith(prefix)), "")
+        if what:
+            raise UserError(f"{refusal}: {key} was {old!r} and is now {new!r} ({what} must not change); {advice}")
+    return changed
+
+
+class LoadedRun(NamedTuple):
+    config: Config
+    tokenizer: Any  # tinylm.tokenizer.TextTokenizer
+    model: Any  # tinylm.model.GPT, in eval mode
+    state: dict[str, Any]  # the checkpoint
+
+
+def load(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
+    """(config, tokenizer, model, checkpoint state) of a trained run, the model on `device` in eval mode."""
+    from tinylm.model import GPT
+    from tinylm.tokenizer import TextTokenizer
+
+    run_dir = Path(run_dir)
+    path = require_checkpoint(run_dir, "; train into it first")
+    cfg = config_.load(run_dir / CONFIG)
+    tok = TextTokenizer.load(run_dir / TOKENIZER)
+    state = checkpoint.require(checkpoint.load(path, map_location=device), checkpoint.RUN_KEYS, path)
+    compare(trained_config(state, path), cfg, f"{run_dir / CONFIG} does not describe the weights in {path}",
+            f"undo that edit of {CONFIG}")
+    model = GPT(cfg.model, state["vocab_size"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"checkpoint {path} does not match {run_dir / CONFIG}: {str(e).splitlines()[0]}") from None
+    return LoadedRun(cfg, tok, model.to(device).eval(), state)
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def refuse_overwrite(run_dir: Path) -> None:
+    """A fresh run never replaces the checkpoint of an earlier one."""
+    if (run_dir / CHECKPOINT).exists():
+        raise UserError(f"{run_dir} already holds a checkpoint; continue it with --resume "
+                        f"{shlex.quote(str(run_dir))}, or pick another --run_dir")
+
+
+@dataclass
+class Resume:
+    """A checkpoint to continue, and what the new config changes (only harmless settings: `resume` refused
+    the rest). Made by `resume`; `check_data` is the second half of the check, once the data is prepared."""
+
+    path: Path
+    state: dict[str, Any]
+    changed: dict[str, tuple[Any, Any]]
+
+    def changes(self) -> list[str]:
+        """Every change, for the log: "train.max_steps: 40 -> 80"."""
+        return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.changed.items()]
+
+    def check_data(self, data_id: dict[str, Any]) -> None:
+        """Refuse resuming on data other than the checkpoint's. The data is compared by its fingerprint
+        (tokenizer file, token ids), so moving the corpus or the cache is fine while editing the text is not;
+        a checkpoint without a fingerprint compares the data settings instead."""
+        data_keys = [k for k in self.changed if k.startswith("data.") and k != "data.cache_dir"]
+        old_id = self.state.get("data")
+        if old_id == data_id or (old_id is None and not data_keys):
+            return
+        if old_id is None:
+            what = "the data settings changed"
+        elif old_id.get("tokenizer_sha256") != data_id["tokenizer_sha256"]:
+            what = "the tokenizer differs from the one the checkpoint was trained with"
+        else:
+            what = (f"the data differs from the checkpoint's (train/val tokens {old_id.get('train_tokens'):,}/"
+                    f"{old_id.get('val_tokens'):,}, now {data_id['train_tokens']:,}/{data_id['val_tokens']:,})")
+        keys = "; ".join(f"{k} was {self.changed[k][0]!r} and is now {self.changed[k][1]!r}" for k in data_keys)
+        raise UserError(f"cannot resume from {self.path}: {what}{f' ({keys})' if keys else ''}; start a new run instead")
+
+
+def resume(run_dir: Path, cfg: Config) -> Resume:
+    """The checkpoint in run_dir, checked for continuing under cfg (the data is checked later, by
+    `Resume.check_data`, so that a refusal here comes before the data is prepared)."""
+    path = require_checkpoint(run_dir, " to resume from")
+    state = checkpoint.require(checkpoint.load(path), checkpoint.RESUME_KEYS, path)
+    changed = compare(trained_config(state, path), cfg, f"cannot resume from {path}", "start a new run instead")
+    return Resume(path, state, changed)

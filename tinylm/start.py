@@ -1,0 +1,182 @@
+"""Starting a training run: its directory and lock, data, model, optimizer and logs, gathered into a
+`Training` that the loop (tinylm/loop.py) reads, and the `LoopState` the loop then changes (a resumed
+run's restored from its checkpoint, exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinylm import checkpoint, distributed, guard, rundir, tblog
+from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
+from tinylm.batches import check_window
+from tinylm.config import Config
+from tinylm.console import Console
+from tinylm.errors import UserError
+from tinylm.hardware import autocast_dtype, environment
+from tinylm.model import GPT
+from tinylm.optim import describe_optimizer, make_optimizer
+from tinylm.prepare import Prepared, fingerprint, prepare
+from tinylm.step import Learner, make_learner
+
+
+@dataclass
+class LoopState:
+    """What changes from step to step. All of it but `evaluation` is in every checkpoint."""
+
+    batch_gen: torch.Generator  # the data-sampling position
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best_val: float = math.inf
+    evaluation: dict[str, float] = field(default_factory=dict)  # the last one: eval_step, val_loss, ...
+
+
+@dataclass
+class Training:
+    """What a training run sets up once (`start`) and its loop reads."""
+
+    cfg: Config
+    d: distributed.Dist
+    dir: Path
+    console: Console
+    prep: Prepared
+    vocab_size: int
+    data_id: dict[str, Any]  # the data's fingerprint, saved with every checkpoint
+    learner: Learner
+    summary: dict[str, int]  # parameter counts
+    saver: checkpoint.Saver
+    writer: Any  # TensorBoard (tblog.TolerantWriter; distributed.NullWriter on ranks other than 0)
+    guard: guard.BlowUpGuard
+    inspect: bool  # log histograms, update ratios and embeddings (rank 0, whole tensors: not under FSDP)
+    poisoned: set[int] = field(default_factory=set)  # steps whose loss a test makes NaN
+
+    @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.cfg)
+
+
+def tokens_per_step(cfg: Config) -> int:
+    """The global batch: train.batch_size x train.grad_accum windows of model.block_size tokens."""
+    return cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+
+
+# ---------------------------------------------------------------- starting
+
+
+def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: bool, console: Console,
+          name: str, held: contextlib.ExitStack) -> tuple[Training, LoopState]:
+    """Set a run up: its directory (locked in `held`), data, model, optimizer and logs, and the state
+    its loop starts from (a resumed run's as its checkpoint left it)."""
+    t = cfg.train
+    dtype = autocast_dtype(t.dtype, d.device)
+    seed_everything(t.seed)
+    run_dir = Path(run_dir) if run_dir is not None else d.from_main(rundir.new_dir(name) if d.main else None)
+    d.on_main(lambda: held.enter_context(rundir.lock(run_dir)))  # one trainer per run directory
+    previous = rundir.resume(run_dir, cfg) if resume else None
+    if previous is None:
+        rundir.refuse_overwrite(run_dir)
+
+    prep, pretrained = prepare_data(cfg, d, console)
+    data_id = fingerprint(prep)
+    if previous is not None:
+        previous.check_data(data_id)
+        for change in previous.changes():
+            console.say(f"resume: {change}")
+        d.on_main(lambda: rundir.remove_stale_temps(run_dir))
+    tokenizer_file = prep.dir / "tokenizer.json"  # the data cache's (data.fingerprint hashes the same file)
+    d.on_main(lambda: rundir.write_files(run_dir, cfg, tokenizer_file, {**prep.meta, "cache": str(prep.dir)}))
+
+    vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
+    model, table, summary = build_model(cfg, d, vocab_size, pretrained if previous is None else None, console)
+    optimizer = make_optimizer(model, t, d.device, dtype)
+    console.say(describe_optimizer(optimizer, t))
+    state = LoopState(torch.Generator().manual_seed(t.seed))
+    if previous is not None:
+        restore(state, previous, d, model, optimizer)
+        console.say(f"resumed {run_dir} at step {state.step}")
+    learner = make_learner(model, optimizer, d, dtype, t.compile)
+    if d.world > 1:
+        console.say(d.describe(t, cfg.model.block_size))
+    console.say(f"device {d.device}, {'bfloat16 autocast' if dtype else 'float32'}, "
+                f"{tokens_per_step(cfg):,} tokens per step, up to {t.max_steps:,} steps"
+                + (f" or {t.max_time:g} s" if t.max_time else ""))
+
+    # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
+    purge_step = state.step + 1 if previous is not None else None
+    writer = (tblog.TolerantWriter(lambda: tblog.open_writer(run_dir, cfg, table, summary, environment(), purge_step),
+                                   console.say) if d.main else distributed.NullWriter())
+    inspect = d.main and d.strategy != "fsdp"  # FSDP: each process holds a shard of each tensor
+    if inspect:
+        tblog.watch_updates(optimizer, model, writer, lambda: state.step + 1, t.log_interval)  # update/weight ratios
+    saver = checkpoint.Saver(run_dir / rundir.CHECKPOINT, state.step if previous is not None else None, console.say)
+    blowup = guard.BlowUpGuard(t.max_bad_steps, d.device, optimizer, console.say)
+    training = Training(cfg, d, run_dir, console, prep, vocab_size, data_id, learner, summary, saver, writer,
+                        blowup, inspect, guard.injected_nan_steps())
+    return training, state
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def prepare_data(cfg: Config, d: distributed.Dist, console: Console) -> tuple[Prepared, Any]:
+    """The prepared data (and the pretrained model it is tokenized for, with train.init_from, else None);
+    the model's shape then is the pretrained one's (cfg.model is replaced)."""
+    pretrained = None
+    if cfg.train.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 folder
+        from tinylm.hf import read_pretrained
+
+        pretrained = read_pretrained(cfg.train.init_from)
+        cfg.model = pretrained.fit(cfg.model)
+    prep = d.first_on_each_node(lambda: prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None))
+    meta = prep.meta
+    if prep.note:
+        console.say(f"data: {prep.note}")
+    console.say(
+        f"data: {'reused' if prep.reused else 'prepared'} {prep.dir} | {prep.tokenizer.kind} tokenizer, "
+        f"vocab {prep.tokenizer.vocab_size:,} | train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens"
+    )
+    check_window("training", meta["train_tokens"], cfg.model.block_size)
+    check_window("validation", meta["val_tokens"], cfg.model.block_size)
+    return prep, pretrained
+
+
+def build_model(cfg: Config, d: distributed.Dist, vocab_size: int, pretrained: Any,
+                console: Console) -> tuple[torch.nn.Module, str, dict[str, int]]:
+    """The model on this process's device (sharded under FSDP), with `pretrained`'s weights if given;
+    its parameter table is printed. Returns (model, table, parameter counts)."""
+    m = cfg.model
+    model = GPT(m, vocab_size)
+    if pretrained is not None:
+        try:
+            model.load_state_dict(pretrained.state_for(m))
+        except RuntimeError as e:  # tensors whose shapes config.json does not describe
+            raise UserError(f"the weights in {cfg.train.init_from} do not match its config.json: "
+                            f"{str(e).strip().splitlines()[-1].strip()}") from None
+        console.say(f"initialised from {cfg.train.init_from}: {m.n_layer} layers, {m.n_head} heads, "
+                    f"{m.n_embd} wide, context {m.block_size}")
+    rows = parameter_table(model)
+    table = format_parameter_table(rows, m.n_layer, m.tie_embeddings)
+    console.say(table)
+    console.say(describe_architecture(m))
+    return d.place(model), table, parameter_summary(rows)
+
+
+def restore(state: LoopState, previous: rundir.Resume, d: distributed.Dist, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> None:
+    """Weights, optimizer, random states and the loop's counters as `previous`'s checkpoint left them."""
+    saved = previous.state
+    checkpoint.restore(saved, *d.loaders(model, optimizer), state.batch_gen, previous.path)
+    state.step, state.tokens = saved["step"], saved["tokens"]
+    state.elapsed, state.best_val = saved["elapsed"], saved["best_val"]

@@ -1,0 +1,136 @@
+"""One training step and one evaluation, as plain functions over explicit arguments.
+
+The training loop (tinylm/loop.py), the benchmarks (benchmarks/common.py) and `tinylm explain`'s real
+step all train with `train_step`, so what is measured and explained is what trains:
+
+    learner = make_learner(model, optimizer, Dist(device), dtype, compile=False)
+    batches = draw_batches(prep.train, cfg.train, block_size, batch_gen, step, learner.dist)
+    loss, grad_norm = train_step(learner, batches, lr, cfg.train.grad_clip, guard, number=step + 1)
+
+A step is gradient descent on one global batch: the forward pass of each micro-batch (in the autocast
+precision), its backward pass (gradients summed over the micro-batches, so the step's gradient is that
+of their mean loss), the gradient clipped to a norm of train.grad_clip, the optimizer's update (through
+the blow-up guard, which skips an update whose loss or gradient is not finite), and the gradients
+cleared. Several processes (tinylm/distributed.py) each run their share of the micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tinylm import distributed
+from tinylm.batches import batch_starts, batch_windows
+from tinylm.config import TrainConfig
+from tinylm.guard import BlowUpGuard
+from tinylm.hardware import autocast
+
+
+@dataclass
+class Learner:
+    """What a training step moves, and how it calls it."""
+
+    model: torch.nn.Module  # the parameters: clipped, stepped, saved (under FSDP this process's shards)
+    core: torch.nn.Module  # the model as evaluated: compiled with train.compile
+    forward: torch.nn.Module  # the model as trained: `core`, in DDP's wrapper when several processes train
+    optimizer: torch.optim.Optimizer
+    dist: distributed.Dist
+    dtype: torch.dtype | None = None  # autocast's dtype; None trains in plain float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+def make_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: distributed.Dist,
+                 dtype: torch.dtype | None, compile: bool) -> Learner:
+    """A Learner for a model already on its device (or sharded, dist.place): compiled and wrapped as asked."""
+    core = torch.compile(model) if compile else model
+    return Learner(model, core, dist.wrap(core), optimizer, dist, dtype)
+
+
+@dataclass
+class MicroBatch:
+    x: torch.Tensor  # (batch, block) input token ids
+    y: torch.Tensor  # (batch, block) the next token of each
+    seed: int | None = None  # torch's seed for this micro-batch's dropout; None leaves torch's generator as is
+
+
+def dropout_seed(seed: int, step: int, micro: int) -> int:
+    """The random seed of a micro-batch's dropout: the same whichever process runs it."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{micro}".encode(), digest_size=8).digest(), "little")
+
+
+def draw_batches(ids: np.ndarray, t: TrainConfig, block_size: int, gen: torch.Generator, step: int,
+                 dist: distributed.Dist) -> list[MicroBatch]:
+    """This process's micro-batches of step `step`. The global batch (train.grad_accum micro-batches of
+    train.batch_size windows) is drawn alike in every process, which then reads only its share of it."""
+    starts = [batch_starts(len(ids), t.batch_size, block_size, gen) for _ in range(t.grad_accum)]
+    return [MicroBatch(*batch_windows(ids, starts[j], block_size, dist.device), dropout_seed(t.seed, step, j))
+            for j in range(dist.rank, t.grad_accum, dist.world)]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group at the schedule's rate (a Muon group scales it by its own lr_scale)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(learner: Learner, batches: list[MicroBatch], lr: float, grad_clip: float,
+               guard: BlowUpGuard | None = None, number: int = 0,
+               poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on `batches`; returns (mean loss of the global batch, gradient norm before
+    clipping), both still on the device (reading them is a host sync: the loop does so at its log interval).
+
+    grad_clip 0 means no clipping. guard: the blow-up guard that makes the update (step `number`), or
+    None for a plain optimizer.step(). poison: make the loss NaN (fault injection for tests).
+    """
+    model, optimizer, dist = learner.model, learner.optimizer, learner.dist
+    set_learning_rate(optimizer, lr)
+    step_loss = torch.zeros((), device=learner.device)
+    for i, batch in enumerate(batches):
+        if batch.seed is not None:
+            torch.manual_seed(batch.seed)
+        # DDP averages the gradients across processes in the last micro-batch's backward only.
+        with dist.no_sync(learner.forward, last=i == len(batches) - 1):
+            with autocast(learner.device, learner.dtype):
+                _, loss = learner.forward(batch.x, batch.y)
+            if poison:
+                loss = loss * float("nan")
+            (loss / len(batches)).backward()
+        step_loss += loss.detach().float() / len(batches)
+    # The global batch's mean loss, the same in every process, so the blow-up guard decides alike.
+    loss = dist.average(step_loss)
+    grad_norm = distributed.plain(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+    if guard is None:
+        optimizer.step()
+    else:
+        guard.step(optimizer, loss, grad_norm, number)  # optimizer.step() unless not finite
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ids: np.ndarray, t: TrainConfig, block_size: int, device: torch.device,
+             dtype: torch.dtype | None, seed: int, d: distributed.Dist | None = None) -> float:
+    """Mean loss over train.eval_batches windows drawn with `seed`: the same windows every time, so
+    evaluations compare. Several processes share the windows out and average (FSDP needs each to run as
+    many batches: a process short of one repeats its first, uncounted)."""
+    d = d or distributed.Dist(device)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    starts = [batch_starts(len(ids), t.batch_size, block_size, gen) for _ in range(t.eval_batches)]
+    mine = starts[d.rank :: d.world]
+    total = torch.zeros((), device=device)
+    for i in range(-(-t.eval_batches // d.world)):
+        x, y = batch_windows(ids, mine[i] if i < len(mine) else starts[0], block_size, device)
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        if i < len(mine):
+            total += loss.float()
+    model.train(was_training)
+    return (d.average(total) * d.world / t.eval_batches).item()
