@@ -5,7 +5,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from tinylm import config
+from tinylm import config, configfile
 from tinylm.errors import UserError
 
 
@@ -108,9 +108,9 @@ def test_a_config_that_is_not_utf8(tmp_path):
 
 
 def test_recipes_are_the_configs_folder():
-    assert config.recipes_dir() == ROOT / "configs"  # a checkout: no copy inside the package
-    assert config.recipes() == {p.stem: p for p in sorted((ROOT / "configs").glob("*.yaml"))}
-    assert {"default", "small", "shakespeare_char_cpu"} <= set(config.recipes())
+    assert configfile.recipes_dir() == ROOT / "configs"  # a checkout: no copy inside the package
+    assert configfile.recipes() == {p.stem: p for p in sorted((ROOT / "configs").glob("*.yaml"))}
+    assert {"default", "small", "shakespeare_char_cpu"} <= set(configfile.recipes())
 
 
 def test_a_recipe_by_name(tmp_path, monkeypatch):
@@ -118,7 +118,7 @@ def test_a_recipe_by_name(tmp_path, monkeypatch):
     small = config.load("small")
     assert small == config.load(ROOT / "configs" / "small.yaml")
     assert (small.model.n_embd, small.data.vocab_size) == (384, 8192)  # small.yaml's own values, not defaults
-    assert config.resolve("shakespeare_char_cpu") == ROOT / "configs" / "shakespeare_char_cpu.yaml"
+    assert configfile.resolve("shakespeare_char_cpu") == ROOT / "configs" / "shakespeare_char_cpu.yaml"
 
 
 def test_an_existing_file_wins_over_a_recipe_name(tmp_path, monkeypatch):
@@ -172,14 +172,14 @@ def test_docs_config_md_is_generated_from_the_help_texts():
     assert page == confdoc.markdown(), f"docs/config.md is out of date; regenerate it with: {confdoc.REGENERATE}"
     for f in confdoc.fields():  # every field, with its type, default and help, in the page
         assert f"| `{f.key}` | " in page and f"| `{f.default_text}` | " in page
-    assert all(f"| `{name}` |" in page for name in config.recipes())
+    assert all(f"| `{name}` |" in page for name in configfile.recipes())
 
 
 def test_every_recipe_starts_with_a_one_line_summary():
     from tinylm import confdoc
 
     summaries = confdoc.recipe_summaries()
-    assert list(summaries) == list(config.recipes())
+    assert list(summaries) == list(configfile.recipes())
     for name, summary in summaries.items():
         assert summary.endswith(".") and len(summary) > 30, f"configs/{name}.yaml: its first line should say what it is"
 

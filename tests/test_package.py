@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 from test_cli import run, unprivileged
 
-from tinylm import __version__, confdoc, config
+from tinylm import __version__, confdoc, configfile
 from tinylm.cli import main
 
 
@@ -60,8 +60,8 @@ def test_the_installed_package_finds_recipes_by_name_outside_the_checkout(wheel,
     def python(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
 
-    code = ("import tinylm; from tinylm import config; c = config.load('small'); "
-            "print(tinylm.__file__, config.resolve('small'), c.model.n_embd, c.data.vocab_size, sep='\\n')")
+    code = ("import tinylm; from tinylm import config, configfile; c = config.load('small'); "
+            "print(tinylm.__file__, configfile.resolve('small'), c.model.n_embd, c.data.vocab_size, sep='\\n')")
     found = python("-c", code)
     assert found.returncode == 0, found.stderr
     package, recipe, n_embd, vocab = found.stdout.split("\n")[:4]
@@ -73,7 +73,7 @@ def test_the_installed_package_finds_recipes_by_name_outside_the_checkout(wheel,
     assert (version.returncode, version.stdout) == (0, f"tinylm {__version__}\n")
     helped = python("-m", "tinylm", "train", "--help")
     assert helped.returncode == 0 and "--model.n_layer=INT" in helped.stdout
-    assert all(f"  {name} " in helped.stdout for name in config.recipes())
+    assert all(f"  {name} " in helped.stdout for name in configfile.recipes())
     unknown = python("-m", "tinylm", "train", "--config", "tiny")
     assert unknown.returncode == 2
     assert unknown.stderr == ("error: config file not found: tiny (recipes: baseline, default, gpt2_small, "

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Pull `--section.field=value` and `--section.field value` out of argv."""
-    from tinylm.config import parse_override_value
+    from tinylm.configfile import parse_override_value
 
     rest: list[str] = []
     overrides: dict[str, Any] = {}

@@ -16,7 +16,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from tinylm import config
+from tinylm import config, configfile
 
 REGENERATE = "python -m tinylm.confdoc > docs/config.md"
 
@@ -92,7 +92,7 @@ def section_summary(section: str) -> str:
 def recipe_summaries() -> dict[str, str]:
     """{recipe name: the first line of the recipe file's leading comment}."""
     summaries = {}
-    for name, path in config.recipes().items():
+    for name, path in configfile.recipes().items():
         first = path.read_text(encoding="utf-8").splitlines()[:1]
         summaries[name] = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
     return summaries

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from tinylm import configfile
 from tinylm.errors import UserError
 
 
@@ -122,6 +123,11 @@ class TrainConfig:
     max_time: float = setting(180.0, "seconds of training at most (0 = no limit); the run stops at max_steps or "
                                      "max_time, whichever comes first")
     eval_interval: int = setting(250, "steps between evaluations (validation loss, a sample) and checkpoint saves")
+    evals: int = setting(8, "evaluations spread evenly over the run besides eval_interval's (each at the next "
+                            "eighth, for 8, of the way to max_steps or max_time, whichever is nearer), so any "
+                            "run has at least this many whatever the machine's speed (0 = eval_interval only)")
+    save_interval: float = setting(60.0, "seconds of training between checkpoints at most, evaluations or not: a "
+                                         "kill loses at most about this much work (0 = at evaluations only)")
     eval_batches: int = setting(20, "batches each loss estimate averages (the same ones every time)")
     log_interval: int = setting(10, "steps between logged training losses (the only host sync of a step)")
     sample_tokens: int = setting(120, "tokens sampled and logged at every evaluation (0 = none)")
@@ -270,7 +276,8 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "max_bad_steps"):
         positive(f"train.{key}", getattr(t, key))
     positive("train.lr", t.lr)
-    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "max_time", "sample_tokens"):
+    for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "max_time", "sample_tokens", "evals",
+                "save_interval"):
         non_negative(f"train.{key}", getattr(t, key))
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
@@ -312,82 +319,15 @@ def from_dict(raw: Any, source: str = "config") -> Config:
     return apply(Config(), flat, source)
 
 
-def recipes_dir() -> Path:
-    """The folder of named recipes: inside the installed package (a wheel carries the checkout's configs/
-    there, see pyproject.toml), else the configs/ folder next to the package (a checkout, editable or not)."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "configs"
-    return packaged if packaged.is_dir() else here.parent / "configs"
-
-
-def recipes() -> dict[str, Path]:
-    """{name: file} of the named recipes, e.g. 'small' for configs/small.yaml."""
-    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
-
-
-def resolve(name_or_path: str | Path) -> Path:
-    """The config file meant by a path or a recipe name: an existing file wins, then a recipe of that name."""
-    p, known = Path(name_or_path), recipes()
-    if p.is_file():
-        return p
-    if str(name_or_path) in known:
-        return known[str(name_or_path)]
-    listing = f"recipes: {', '.join(known)}" if known else "no recipes found in " + str(recipes_dir())
-    if p.is_dir():
-        raise UserError(f"{p} is a folder, not a config file; name a YAML file or a recipe ({listing})")
-    guess = p.stem if p.stem in known else next(iter(difflib.get_close_matches(str(name_or_path), known, n=1)), "")
-    hint = f"; did you mean the recipe '{guess}'?" if guess else ""
-    raise UserError(f"config file not found: {p}{hint} ({listing})")
-
-
-def _read_yaml(p: Path) -> Any:
-    """The YAML in file p; a syntax error names the file, line, column and problem in one line."""
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read config file {p}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        line = e.object[:e.start].count(b"\n") + 1
-        raise UserError(f"config file {p} is not valid UTF-8 (byte {e.start}, line {line})") from None
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        where = f" at {_position(e.problem_mark.line, e.problem_mark.column)}" if e.problem_mark else ""
-        # The context helps when it points elsewhere (where an unclosed list began), not otherwise
-        # ("while scanning for the next token").
-        mark = e.context_mark
-        context = f" ({e.context}, {_position(mark.line, mark.column)})" if e.context and mark else ""
-        raise UserError(f"config file {p} is not valid YAML{where}: {e.problem}{context}") from None
-    except yaml.reader.ReaderError as e:  # a character YAML does not allow; its position counts characters
-        line_start = text.rfind("\n", 0, e.position) + 1
-        where = _position(text.count("\n", 0, e.position), e.position - line_start)
-        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
-        raise UserError(f"config file {p} is not valid YAML at {where}: character {char} is not allowed") from None
-
-
-def _position(line: int, column: int) -> str:
-    """A place in a file as editors number it (yaml counts lines and columns from 0)."""
-    return f"line {line + 1}, column {column + 1}"
-
-
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file at `path` or the recipe of that name (if any), then overrides; validated."""
     if path is None:
         cfg = Config()
     else:
-        p = resolve(path)
-        cfg = from_dict(_read_yaml(p), source=str(p))
+        p = configfile.resolve(path)
+        cfg = from_dict(configfile.read_yaml(p), source=str(p))
     apply(cfg, overrides or {})
     return validate(cfg)
-
-
-def parse_override_value(text: str) -> Any:
-    """Read a command-line value the way YAML would ("4" -> 4, "true" -> True, "a" -> "a")."""
-    try:
-        return yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
-        return text
 
 
 def to_yaml(cfg: Config) -> str:
