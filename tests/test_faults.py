@@ -31,7 +31,8 @@ STEPS, EVERY = 60, 10  # the run's length and its checkpoint (evaluation) interv
 TINY = ["--data.tokenizer=char", "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32",
         "--model.block_size=32", "--model.dropout=0.1", "--train.batch_size=16", f"--train.max_steps={STEPS}",
         f"--train.eval_interval={EVERY}", "--train.eval_batches=2", "--train.log_interval=1",
-        "--train.sample_tokens=8", "--train.device=cpu", "--train.dtype=float32", "--train.max_time=0"]
+        "--train.sample_tokens=8", "--train.device=cpu", "--train.dtype=float32", "--train.max_time=0",
+        "--train.evals=0", "--train.save_interval=0"]  # checkpoints every EVERY steps, and only then
 
 
 class Proc:

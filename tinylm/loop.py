@@ -63,6 +63,9 @@ class TrainResult:
 # ---------------------------------------------------------------- when
 
 
+LOG_POINTS = 100  # logged training losses at least per run (every step where it has fewer steps)
+
+
 @dataclass(frozen=True)
 class Due:
     log: bool
@@ -70,10 +73,36 @@ class Due:
     save: bool
 
 
+def marks(progress_: float, n: int) -> int:
+    """How many of n evenly spaced marks (1/n, 2/n, ..., 1) a run `progress_` of the way has passed."""
+    return min(n, math.floor(progress_ * n + 1e-9)) if n > 0 else 0
+
+
 def due(state: LoopState, t: TrainConfig) -> Due:
-    """What the step just taken calls for besides itself: the loop's one decision of when."""
-    evaluate_now = state.step % t.eval_interval == 0
-    return Due(log=state.step % t.log_interval == 0, evaluate=evaluate_now, save=evaluate_now)
+    """What the step just taken calls for besides itself: the loop's one decision of when.
+
+    Evaluations come every eval_interval steps and at each of train.evals marks spread over the run's
+    progress (its share of max_steps or of max_time, whichever is nearer, as the learning rate's decay
+    counts it), so a slow machine that manages 37 steps in 3 minutes still draws eight points of every
+    validation curve. Checkpoints come with every evaluation and at least every train.save_interval
+    seconds of training, so a kill loses at most that much work. Losses are logged every log_interval
+    steps and at LOG_POINTS marks."""
+    p = progress(state.step, state.elapsed, t)
+    log = state.step % t.log_interval == 0 or marks(p, LOG_POINTS) > state.log_mark
+    evaluate_now = state.step % t.eval_interval == 0 or marks(p, t.evals) > state.eval_mark
+    by_time = bool(t.save_interval) and state.elapsed - state.saved_at >= t.save_interval
+    return Due(log=log, evaluate=evaluate_now, save=evaluate_now or by_time)
+
+
+def mark_done(state: LoopState, t: TrainConfig, when: Due) -> None:
+    """Note in state what `when` asked for and the loop did, so that `due` asks for it again only when due."""
+    p = progress(state.step, state.elapsed, t)
+    if when.log:
+        state.log_mark = marks(p, LOG_POINTS)
+    if when.evaluate:
+        state.eval_mark = marks(p, t.evals)
+    if when.save:
+        state.saved_at = state.elapsed
 
 
 def finished(state: LoopState, t: TrainConfig) -> bool:
@@ -121,6 +150,8 @@ def run_loop(tr: Training, state: LoopState) -> TrainResult:
         if state.step == 0:
             evaluate_run(tr, state)
             record_metrics(tr, state, final=False)
+        else:  # resumed: the marks already passed were the predecessor's to log and evaluate
+            mark_done(state, t, Due(log=True, evaluate=True, save=False))
         tr.learner.model.train()
         signum, clock = train_until_stopped(tr, state, stop, bar)
         tr.guard.poll()
@@ -166,7 +197,8 @@ def train_until_stopped(tr: Training, state: LoopState, stop: guard.StopSignals,
         state.step += 1
         state.tokens += tr.tokens_per_step
         meter.tokens += tr.tokens_per_step
-        state.elapsed = clock()
+        # Decisions by time must be the same in every process (an evaluation is collective): one clock.
+        _, state.elapsed = tr.d.agree(0, clock())
         bar.update(1)
         when = due(state, t)
         if when.log:
@@ -178,6 +210,7 @@ def train_until_stopped(tr: Training, state: LoopState, stop: guard.StopSignals,
             save(tr, state, final=False)
         if when.evaluate:  # after the save: metrics.json never gets ahead of the checkpoint beside it
             record_metrics(tr, state, final=False)
+        mark_done(state, t, when)
         if when.evaluate or when.save:
             meter.restart()  # evaluating and saving are not training throughput
 

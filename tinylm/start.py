@@ -38,6 +38,10 @@ class LoopState:
     elapsed: float = 0.0
     best_val: float = math.inf
     evaluation: dict[str, float] = field(default_factory=dict)  # the last one: eval_step, val_loss, ...
+    # Where the cadence stands (tinylm/loop.py's `due`), derived again from step and elapsed on resume:
+    log_mark: int = 0  # of the run's LOG_POINTS evenly spaced marks, how many had a logged loss
+    eval_mark: int = 0  # of its train.evals marks, how many had an evaluation
+    saved_at: float = 0.0  # elapsed seconds at the last checkpoint (or the start)
 
 
 @dataclass
@@ -180,3 +184,4 @@ def restore(state: LoopState, previous: rundir.Resume, d: distributed.Dist, mode
     checkpoint.restore(saved, *d.loaders(model, optimizer), state.batch_gen, previous.path)
     state.step, state.tokens = saved["step"], saved["tokens"]
     state.elapsed, state.best_val = saved["elapsed"], saved["best_val"]
+    state.saved_at = state.elapsed
