@@ -45,6 +45,9 @@ class ModelConfig:
 
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads per block; each head is n_embd / n_head wide")
+    n_kv_head: int = setting(0, "key/value heads (grouped-query attention, as in Llama 2 70B and Llama 3: each "
+                                "shares its keys and values with n_head / n_kv_head query heads, which shrinks "
+                                "the KV cache and the qkv projection); 0 = n_head, every head its own")
     n_embd: int = setting(256, "width of every token vector (the embedding size)")
     block_size: int = setting(128, "context length: how many tokens the model sees at once")
     bias: bool = setting(False, "biases in Linear and LayerNorm layers (the b in y = w*x + b); off (Llama) is as "
@@ -71,6 +74,11 @@ class ModelConfig:
     def head_size(self) -> int:
         """Channels per attention head: n_embd / n_head (validate checks that it divides)."""
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0 (plain multi-head attention)."""
+        return self.n_kv_head or self.n_head
 
     @property
     def mlp_width(self) -> int:
@@ -254,6 +262,10 @@ def validate(cfg: Config) -> Config:
         positive(f"model.{key}", getattr(m, key))
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    non_negative("model.n_kv_head", m.n_kv_head)
+    if m.n_head % m.kv_heads:
+        raise UserError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head}): "
+                        "each key/value head serves the same number of query heads")
     if not 0 <= m.dropout < 1:
         raise UserError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     positive("model.rope_theta", m.rope_theta)
