@@ -160,7 +160,8 @@ def describe_architecture(cfg: ModelConfig) -> str:
         "LayerNorm" if cfg.norm == "layernorm" else "RMSNorm",
         {"gelu": "GELU", "relu2": "ReLU-squared", "swiglu": "SwiGLU"}[cfg.mlp] + f" MLP ({cfg.mlp_width} wide)",
         *(["QK-norm"] if cfg.qk_norm else []),
-        *([f"grouped-query attention ({cfg.kv_heads} key/value heads for {cfg.n_head} query heads)"]
+        *([f"grouped-query attention ({cfg.kv_heads} key/value head{'s' if cfg.kv_heads > 1 else ''} for "
+           f"{cfg.n_head} query heads)"]
           if cfg.kv_heads != cfg.n_head else []),
         "head tied to the token embedding" if cfg.tie_embeddings else "untied head",
     ]
@@ -233,7 +234,8 @@ def formula_text(cfg: ModelConfig) -> tuple[str, str]:
     formula = ("P = V*C" + (" + T*C" if cfg.pos == "learned" else "") + f" + L*({' + '.join(t for t in terms if t)})"
                + f" + {'2*C' if norm_c == 2 else 'C'}" + ("" if cfg.tie_embeddings else " + V*C"))
     where = ([f"H = {H} (the MLP's width)"] if H != 4 * C else []) + (
-        [f"K = {K} ({cfg.kv_heads} key/value heads x hs: the width of the keys and of the values)"] if gqa else [])
+        [f"K = {K} (n_kv_head x hs = {cfg.kv_heads} x {cfg.head_size}: the width of the keys and of the values)"]
+        if gqa else [])
     if where:
         formula += ", with " + " and ".join(where)
     if H == 4 * C:
