@@ -116,7 +116,7 @@ def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, markov_file):
 @pytest.mark.parametrize("poisoned", ["7", "6-7"])
 def test_isolated_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, markov_file, monkeypatch, poisoned):
     monkeypatch.setenv("TINYLM_TEST_NAN_STEPS", poisoned)
-    bad = guard.injected_nan_steps()
+    bad = guard.injected_steps("TINYLM_TEST_NAN_STEPS")
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"},
                       train={"max_steps": 12, "eval_interval": 4, "log_interval": 1, "sample_tokens": 0, "max_bad_steps": 3})
     lines: list[str] = []

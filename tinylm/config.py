@@ -141,10 +141,15 @@ class TrainConfig:
     sample_tokens: int = setting(120, "tokens sampled and logged at every evaluation (0 = none)")
     seed: int = setting(1337, "random seed: initial weights, batches, dropout, samples")
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = setting("auto", "auto = bfloat16 autocast where the hardware has fast bf16 (GPUs, CPUs with "
-                                 "AVX-512 BF16/AMX), else float32", ("auto", "float32", "bfloat16"))
-    compile: bool = setting(False, "torch.compile the model: pays off on GPUs; on a 2-core CPU its compile time "
-                                   "outweighs it")
+    dtype: str = setting("auto", "autocast precision of the matrix products (weights stay float32). auto = "
+                                 "bfloat16 where the hardware has it natively (GPUs from Ampere on, CPUs with "
+                                 "AVX-512 BF16/AMX), float16 on older GPUs (T4, V100), else float32. float16 "
+                                 "trains with loss scaling (torch.amp.GradScaler): see docs/hardware.md",
+                         ("auto", "float32", "bfloat16", "float16"))
+    compile: str = setting("auto", "torch.compile the model: auto compiles on a CUDA GPU when the run's time budget "
+                                   "repays the expected compile time (measured on this machine after the first "
+                                   "compiled run, see docs/hardware.md), never on a CPU, where compiling outweighs "
+                                   "its gain in a run of minutes", ("auto", "true", "false"))
     optimizer: str = setting("muon", "adamw, or muon: Muon for the blocks' weight matrices, AdamW for "
                                      "embeddings and gains", ("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate (follows the same warmup and decay as lr)")
@@ -225,7 +230,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
                 raise bad from None
         raise bad
     if kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML's true/false for a setting with choices such as "auto", "true", "false"
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise bad
     raise AssertionError(f"unhandled field type {kind}")
