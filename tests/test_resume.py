@@ -180,6 +180,7 @@ def test_guard_skips_an_infinite_loss_or_gradient_and_stops_after_a_streak():
     assert [line.split(":")[0] for line in lines] == ["warning"] * 3 and g.skipped == 3
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_guard_skips_on_the_gpu_without_waiting():
     torch.manual_seed(0)
