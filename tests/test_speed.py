@@ -107,3 +107,12 @@ def test_a_run_logs_tokens_per_second_and_mfu_against_the_measured_peak(trained_
     (peak,) = [e.value * 1e12 for e in acc.Scalars("speed/peak_tflops")]  # the run's measured CPU peak
     for step, rate in rates.items():
         assert mfu[step] == pytest.approx(100 * rate * flops / peak, rel=1e-5)
+
+
+def test_docs_hardware_shows_the_table_of_peaks():
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "hardware.md").read_text()
+    show = lambda x: "-" if x is None else f"{x}"  # noqa: E731
+    for _, label, bf16, fp16, fp32 in speed.GPU_PEAKS:
+        assert f"| {label} | {show(bf16)} | {show(fp16)} | {fp32} |" in page, label

@@ -157,8 +157,8 @@ class TrainConfig:
                                     "stop the run")
     strategy: str = setting("ddp", "with several processes (torchrun): ddp (whole model in each) or fsdp "
                                    "(sharded)", ("ddp", "fsdp"))
-    init_from: str = setting("", "a GPT-2 folder (transformers' save_pretrained) to fine-tune: its weights, shape "
-                                 "and tokenizer")
+    init_from: str = setting("", "a GPT-2 or Llama-family folder (transformers' save_pretrained, tinylm export's "
+                                 "among them) to fine-tune: its weights, shape and tokenizer")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

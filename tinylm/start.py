@@ -155,7 +155,7 @@ def prepare_data(cfg: Config, d: distributed.Dist, console: Console) -> tuple[Pr
     """The prepared data (and the pretrained model it is tokenized for, with train.init_from, else None);
     the model's shape then is the pretrained one's (cfg.model is replaced)."""
     pretrained = None
-    if cfg.train.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 folder
+    if cfg.train.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 or Llama folder
         from tinylm.hf import read_pretrained
 
         pretrained = read_pretrained(cfg.train.init_from)
