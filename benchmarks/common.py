@@ -8,7 +8,6 @@ Nothing here prints; `benchmarks/run.py` runs the benchmarks and prints their ta
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
