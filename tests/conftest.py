@@ -80,6 +80,17 @@ def measurement_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One CPU thread: tiny training runs are faster that way on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def markov_file(tmp_path: Path) -> Path:
     p = tmp_path / "markov.txt"
     p.write_text(markov_text(30_000))

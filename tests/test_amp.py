@@ -24,14 +24,7 @@ from tinylm.step import MicroBatch, make_learner, train_step
 
 FP16 = {"dtype": "float16"}
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: faster on one thread (conftest.py)
 
 
 def run_cfg(tmp_path, markov_file, **train_fields):

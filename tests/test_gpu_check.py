@@ -41,6 +41,7 @@ def test_the_pytest_summary_line_is_read_into_counts():
     assert gpu._summary_words("1 failed, 8 passed, 1 error in 3.1s") == ["1 failed", "8 passed", "1 error"]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_a_dry_run_on_the_cpu_fills_every_part_of_the_table(corpus, tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert gpu.main(["--corpus", str(corpus), "--device", "cpu", "--quick", "--skip", "tests", "--out", str(out)]) == 0

@@ -96,6 +96,7 @@ def test_a_compiled_run_keeps_its_first_step_less_its_second_as_the_compile_time
     assert kept == round(timer.times[0] - timer.times[1], 1) and 0.2 <= kept <= 0.6
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_a_compiled_run_trains_samples_with_the_kv_cache_and_keeps_its_compile_time(tmp_path, markov_file, monkeypatch):
     """The loop trains and evaluates through the compiled module and samples from the plain one (a
     compiled module takes no KV cache). Dynamo's "eager" backend stands in for Inductor, whose code

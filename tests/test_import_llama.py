@@ -15,12 +15,10 @@ from conftest import markov_text, tiny_config
 from tinylm.console import Console
 from tinylm.errors import UserError
 from tinylm.hf import read_pretrained
-from tinylm.model import GPT
 from tinylm.tokenizer import train_bpe
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
-
-TEXT = "The cat sat on the mat. The dog sat on the log. A bird sang in the tree.\n" * 200
+from test_import import TEXT, tinylm_logits  # noqa: E402  (GPT-2's import tests: the same corpus and reader)
 
 
 def random_llama(vocab_size: int, **fields) -> torch.nn.Module:
@@ -43,14 +41,6 @@ def save_llama(folder: Path, **fields) -> torch.nn.Module:
     return model
 
 
-def tinylm_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    pre = read_pretrained(folder)
-    model = GPT(pre.model, pre.vocab_size).eval()
-    model.load_state_dict(pre.state_for(pre.model))
-    with torch.no_grad():
-        return model(ids)[0]
-
-
 @pytest.mark.parametrize("fields", [
     {"num_key_value_heads": 2, "tie_word_embeddings": False},
     {"num_key_value_heads": 1, "tie_word_embeddings": True, "rope_theta": 500.0, "rms_norm_eps": 1e-5},
@@ -67,6 +57,7 @@ def test_random_llama_imports_with_equal_logits(tmp_path, fields):
     assert m.tie_embeddings == fields.get("tie_word_embeddings", False) and m.bias == fields.get("attention_bias", False)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_an_export_imports_as_the_same_model(tmp_path):
     """A grouped-query tinylm run exported as LlamaForCausalLM, then fine-tuned with --init_from: its
     step-0 validation loss is the exported run's final one (same weights, same windows, same tokenizer)."""

@@ -18,13 +18,7 @@ from tinylm.errors import UserError
 from tinylm.loop import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: these tiny runs are faster that way on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: faster on one thread (conftest.py)
 
 
 def train_losses(run_dir) -> list[tuple[int, float]]:
