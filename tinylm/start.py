@@ -123,7 +123,8 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     console.say(f"device {d.device}, {precision}{' with loss scaling' if learner.scaler else ''}, "
                 f"{tokens_per_step(cfg):,} tokens per step, up to {t.max_steps:,} steps"
                 + (f" or {t.max_time:g} s" if t.max_time else "") + f"; torch.compile {why}")
-    flops, peak = speed.flops_per_token(cfg.model, vocab_size), speed.device_peak(d.device, dtype)
+    flops = speed.flops_per_token(cfg.model, vocab_size)
+    peak = d.on_main(lambda: speed.device_peak(d.device, dtype))  # rank 0 logs MFU: only it times a CPU
     console.say(speed.describe(flops, peak, d.device))
 
     # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
