@@ -251,9 +251,10 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_va
     from tinylm import model as model_module
 
     torch.manual_seed(0)
-    gqa_cfg = small(**LLAMA, n_head=4, n_kv_head=2, qk_norm=True)
+    arch = {**LLAMA, "qk_norm": True}
+    gqa_cfg = small(**arch, n_head=4, n_kv_head=2)
     gqa = GPT(gqa_cfg, vocab_size=50).eval()
-    mha = GPT(small(**LLAMA, n_head=4, qk_norm=True), vocab_size=50).eval()
+    mha = GPT(small(**arch, n_head=4), vocab_size=50).eval()
     sd = dict(gqa.state_dict())
     C, hs = 32, 8
     for i in range(gqa_cfg.n_layer):
