@@ -1,4 +1,4 @@
-"""What every benchmark shares: the two recipes, the machine's matrix peak, FLOP counts, a trainer that
+"""What every benchmark shares: the two recipes, the machine's matrix peak, a trainer that
 takes the training loop's own step (tinylm.step.train_step, blow-up guard included; without the loop's
 logging, evaluations and checkpoints), and the loss over the whole validation split.
 
@@ -8,7 +8,6 @@ Nothing here prints; `benchmarks/run.py` runs the benchmarks and prints their ta
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,11 @@ from tinylm import config as config_
 from tinylm.config import Config
 from tinylm.distributed import Dist
 from tinylm.guard import BlowUpGuard
-from tinylm.hardware import autocast, autocast_dtype, pick_device
+from tinylm.hardware import autocast, autocast_dtype, compile_choice, pick_device
 from tinylm.model import GPT
 from tinylm.optim import learning_rate, make_optimizer, progress
 from tinylm.prepare import Prepared, prepare
+from tinylm.speed import matmul_flops
 from tinylm.step import draw_batches, make_learner, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,31 +68,9 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 3.0) -> float:
-    """Best FLOP/s of large square matrix products in `dtype`, over a few sizes and repeats (the best
-    one, as a busy machine only ever makes it look slower): this machine's practical ceiling."""
-    best = 0.0
-    for n in (4096, 8192) if device.type == "cuda" else (1024, 2048, 3072):
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        a @ b
-        sync(device)
-        deadline = time.perf_counter() + seconds / 3
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            a @ b
-            sync(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
-
-
-def flops_per_token(cfg: Config, vocab_size: int) -> float:
-    """Training FLOPs per token, the usual way (PaLM appendix B, nanoGPT's estimate_mfu): 6 per weight of
-    every matrix product (forward 2, backward 4), the output head included, plus the attention scores
-    and their weighted sum, 12 * n_layer * n_embd * block_size (causal masking not discounted)."""
-    m = cfg.model
-    hidden = m.mlp_width
-    per_block = 4 * m.n_embd**2 + (3 if m.mlp == "swiglu" else 2) * m.n_embd * hidden
-    weights = m.n_layer * per_block + vocab_size * m.n_embd
-    return 6 * weights + 12 * m.n_layer * m.n_embd * m.block_size
+    """Best FLOP/s of large square matrix products in `dtype` (tinylm.speed.matmul_flops, timed longer
+    and up to larger sizes than a training run's quick measurement): this machine's practical ceiling."""
+    return matmul_flops(dtype, device, seconds, largest=8192 if device.type == "cuda" else 4096)
 
 
 # ---------------------------------------------------------------- training
@@ -125,8 +103,9 @@ class Trainer:
         if self.foreach_adamw and t.optimizer == "adamw":
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
             optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
-        self.learner = make_learner(self.model, optimizer, Dist(self.device), self.dtype, t.compile)
-        self.guard = BlowUpGuard(t.max_bad_steps, self.device, optimizer, lambda line: None)
+        self.compiled, _ = compile_choice(t.compile, self.device, t.max_time, m, self.dtype)
+        self.learner = make_learner(self.model, optimizer, Dist(self.device), self.dtype, self.compiled)
+        self.guard = BlowUpGuard(t.max_bad_steps, self.device, optimizer, lambda line: None, self.learner.scaler)
         self.batch_gen = torch.Generator().manual_seed(t.seed)
         self.tokens_per_step = t.batch_size * t.grad_accum * m.block_size
 

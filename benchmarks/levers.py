@@ -16,8 +16,9 @@ import argparse
 import time
 from typing import Any, Callable
 
-from benchmarks.common import SHAPES, Trainer, flops_per_token, full_val_loss, recipe, shape_overrides, sync
+from benchmarks.common import SHAPES, Trainer, full_val_loss, recipe, shape_overrides, sync
 from tinylm.prepare import Prepared
+from tinylm.speed import flops_per_token
 
 BF16 = {"train.dtype": "bfloat16"}
 LLAMA = {"model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu"}
@@ -99,7 +100,7 @@ def run_levers(a: argparse.Namespace, prep: Prepared, peak: dict[str, float], lo
         speeds = interleaved_throughput(trainers, a.seconds * len(SPEED_LEVERS) / 2)
         for label, r in speeds.items():
             dtype = trainers[label].dtype
-            r["fraction_of_peak"] = r["tokens_per_s"] * flops_per_token(cfgs[label], prep.tokenizer.vocab_size) / peak[
+            r["fraction_of_peak"] = r["tokens_per_s"] * flops_per_token(cfgs[label].model, prep.tokenizer.vocab_size) / peak[
                 str(dtype).replace("torch.", "") if dtype else "float32"]
             out["speed"][f"{shape}/{label}"] = r
         del trainers

@@ -30,7 +30,6 @@ from benchmarks.common import (
     REPO,
     SHAPES,
     data,
-    flops_per_token,
     fmt_seconds,
     matmul_peak,
     recipe,
@@ -39,6 +38,7 @@ from benchmarks.common import (
 from benchmarks.levers import run_levers
 from benchmarks.suites import budget_run, sampling, throughput
 from tinylm.hardware import cpu_has_fast_bf16, pick_device
+from tinylm.speed import flops_per_token
 
 SUITES = ("peak", "throughput", "loss", "sampling")
 TARGET = 1.886  # nanoGPT's CPU recipe's validation loss
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"throughput {shape} {name} ...")
                 cfg = recipe(name.split("+")[0], a.corpus, a.cache_dir, {**shape_overrides(shape), **extra})
                 r = throughput(cfg, prep, a.seconds, foreach_adamw=name == "baseline")
-                r["flops_per_token"] = flops_per_token(cfg, prep.tokenizer.vocab_size)
+                r["flops_per_token"] = flops_per_token(cfg.model, prep.tokenizer.vocab_size)
                 r["flops_per_s"] = r["tokens_per_s"] * r["flops_per_token"]
                 r["fraction_of_peak"] = r["flops_per_s"] / peak[r["autocast"]]
                 results["throughput"][f"{shape}/{name}"] = r

@@ -64,6 +64,32 @@ def read_texts(cfg, texts=None) -> list[str]:
     return ["".join(pieces(doc)) for doc in iter_documents(corpus_sources(cfg, texts))]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def measurement_cache(tmp_path_factory):
+    """Measurements made while testing (a run's CPU peak, compile times) go to a cache of the test
+    session's own, never the user's (~/.cache/tinylm); subprocesses inherit it."""
+    import os
+
+    previous = os.environ.get("TINYLM_CACHE_DIR")
+    os.environ["TINYLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("measurements"))
+    yield
+    if previous is None:
+        os.environ.pop("TINYLM_CACHE_DIR", None)
+    else:
+        os.environ["TINYLM_CACHE_DIR"] = previous
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: tiny training runs are faster that way on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def markov_file(tmp_path: Path) -> Path:
     p = tmp_path / "markov.txt"

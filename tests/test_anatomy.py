@@ -37,6 +37,9 @@ def test_parameter_formula_counts_the_built_model(shape, bias, tied):
     {"pos": "learned", "norm": "rmsnorm", "mlp": "relu2", "bias": True},
     {"pos": "rope", "norm": "layernorm", "mlp": "gelu", "bias": True, "mlp_hidden": 100},
     {"pos": "learned", "norm": "layernorm", "mlp": "swiglu", "bias": False, "qk_norm": True, "mlp_hidden": 96},
+    {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2},  # grouped-query attention
+    {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "n_kv_head": 1, "qk_norm": True},
+    {"pos": "rope", "norm": "layernorm", "mlp": "swiglu", "bias": True, "n_kv_head": 2, "mlp_hidden": 100},
 ])
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameter_formula_counts_every_architecture(arch, tied):
@@ -46,7 +49,8 @@ def test_parameter_formula_counts_every_architecture(arch, tied):
     assert parameter_formula(cfg, 300) == sum(p.numel() for p in model.parameters())
     # The text is the same formula: evaluate it with this model's numbers.
     text = formula_text(cfg)[0].removeprefix("P = ").split(", with")[0]
-    names = {"V": 300, "T": 40, "C": 64, "L": 3, "H": model.blocks[0].mlp.proj.in_features, "hs": 16}
+    names = {"V": 300, "T": 40, "C": 64, "L": 3, "H": model.blocks[0].mlp.proj.in_features, "hs": 16,
+             "K": (model.blocks[0].attn.qkv.out_features - 64) // 2}
     assert eval(text.replace("^", "**"), {}, names) == parameter_formula(cfg, 300)
 
 

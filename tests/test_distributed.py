@@ -22,13 +22,14 @@ import pytest
 from conftest import markov_text, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_faults import Proc
-from test_resume import one_thread  # noqa: F401 (autouse: in-process runs use one CPU thread too)
 
 from tinylm import checkpoint, rundir
 from tinylm import config as config_
 from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
 from tinylm.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs use one CPU thread too (conftest.py)
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 STEPS = 8

@@ -207,13 +207,15 @@ def short_run(tmp: Path, model: dict) -> Path:
     return Path(train(cfg, run_dir=tmp / "run", console=QUIET).run_dir)
 
 
-@pytest.mark.parametrize("extra", [{"tie_embeddings": False}, {"bias": True, "rope_theta": 500.0}], ids=["untied", "biases"])
+@pytest.mark.parametrize("extra", [{"tie_embeddings": False}, {"bias": True, "rope_theta": 500.0}, {"n_kv_head": 1}],
+                         ids=["untied", "biases", "gqa"])
 def test_llama_style_model_exports_as_llama(tmp_path, extra):
     run_dir = short_run(tmp_path, {**LLAMA, **extra})
     _, tok, model, _ = load_run(run_dir)
     result = export(run_dir, tmp_path / "hf", out=quiet)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert result["architecture"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_key_value_heads"] == model.cfg.kv_heads and config["num_attention_heads"] == 2
     ids = torch.tensor([tok.encode("abcdefghhgfedcba" * 2)])
     with torch.no_grad():
         ours, _ = model(ids)
@@ -229,7 +231,9 @@ def test_llama_style_model_exports_as_llama(tmp_path, extra):
     ({**LLAMA, "qk_norm": True}, "model.qk_norm=true"),
     ({"pos": "learned", "norm": "rmsnorm", "mlp": "gelu"}, "model.pos=learned, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
     ({**LLAMA, "mlp": "gelu"}, "model.pos=rope, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
-], ids=["relu2", "qk_norm", "learned+rmsnorm", "rope+gelu"])
+    ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "n_kv_head": 2}, "model.n_kv_head=2 (grouped-query attention) "
+                                                                            "does not exist in GPT2LMHeadModel"),
+], ids=["relu2", "qk_norm", "learned+rmsnorm", "rope+gelu", "gpt2+gqa"])
 def test_what_neither_architecture_expresses_is_refused(model, reason):
     from tinylm.hf import architecture
 

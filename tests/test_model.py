@@ -22,6 +22,8 @@ ARCHITECTURES = {
     "llama": LLAMA,
     "llama+bias": {**LLAMA, "bias": True},
     "llama+qk_norm": {**LLAMA, "qk_norm": True},
+    "llama+gqa": {**LLAMA, "n_kv_head": 1},  # grouped-query attention: every query head shares one key/value head
+    "gpt2+gqa+qk_norm": {**GPT2, "n_kv_head": 1, "qk_norm": True, "bias": True},
 }
 
 
@@ -129,16 +131,17 @@ def test_every_architecture_learns(arch):
 def test_parameter_count_matches_hand_count(arch):
     c = small(**ARCHITECTURES[arch])
     C, V, hs, L = c.n_embd, 50, c.n_embd // c.n_head, c.n_layer  # by hand, not c.head_size
+    K = (c.n_kv_head or c.n_head) * hs  # the keys' (and the values') width
     hidden = c.mlp_width
     mlp = (3 if c.mlp == "swiglu" else 2) * C * hidden + (hidden * (2 if c.mlp == "swiglu" else 1) + C if c.bias else 0)
-    attn = 4 * C * C + (4 * C if c.bias else 0) + (2 * hs if c.qk_norm else 0)
+    attn = C * (C + 2 * K) + C * C + (2 * C + 2 * K if c.bias else 0) + (2 * hs if c.qk_norm else 0)
     norm = C + (C if c.bias and c.norm == "layernorm" else 0)  # a gain, and a bias for LayerNorm with biases
     expected = L * (attn + mlp + 2 * norm) + norm + V * C + (0 if c.tie_embeddings else V * C)
     expected += c.block_size * C if c.pos == "learned" else 0
     model = GPT(c, vocab_size=V)
     s = parameter_summary(parameter_table(model))
     assert s["total"] == sum(p.numel() for p in model.parameters()) == expected
-    assert s["biases"] == (0 if not c.bias else L * (4 * C + hidden * (2 if c.mlp == "swiglu" else 1) + C
+    assert s["biases"] == (0 if not c.bias else L * (2 * C + 2 * K + hidden * (2 if c.mlp == "swiglu" else 1) + C
                                                      + (2 * C if c.norm == "layernorm" else 0)) + (C if c.norm == "layernorm" else 0))
 
 
@@ -161,6 +164,8 @@ def test_the_model_is_built_with_the_configs_derived_sizes(arch):
     assert block.mlp.proj.in_features == c.mlp_width
     assert block.mlp.fc.out_features == (2 if c.mlp == "swiglu" else 1) * c.mlp_width
     assert model.new_cache().k.shape[-1] == c.head_size
+    assert model.new_cache().k.shape[2] == (c.n_kv_head or c.n_head)  # the cache holds the key/value heads only
+    assert block.attn.qkv.out_features == c.n_embd + 2 * (c.n_kv_head or c.n_head) * c.head_size
     if c.pos == "rope":
         assert model.rope_cos.shape == (c.block_size, c.head_size)
     if c.qk_norm:
@@ -189,13 +194,14 @@ def test_rope_scores_depend_only_on_distance():
     assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_llama_options_equal_hugging_face_llama(bias):
+@pytest.mark.parametrize("bias, n_kv_head", [(False, 0), (True, 0), (False, 2), (True, 1)])
+def test_llama_options_equal_hugging_face_llama(bias, n_kv_head):
     # The rope/rmsnorm/swiglu model is Hugging Face's LlamaForCausalLM with the weights renamed
     # (qkv split into q/k/v, mlp.fc into gate/up): same logits, which is what an export relies on.
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = small(**{**LLAMA, "bias": bias}, norm_eps=1e-6, rope_theta=500.0, tie_embeddings=False)
+    cfg = small(**{**LLAMA, "bias": bias}, n_head=4, n_kv_head=n_kv_head, norm_eps=1e-6, rope_theta=500.0,
+                tie_embeddings=False)
     ours = GPT(cfg, vocab_size=50).eval()
     with torch.no_grad():  # non-trivial gains and biases, so a mix-up would show
         for name, p in ours.named_parameters():
@@ -204,7 +210,7 @@ def test_llama_options_equal_hugging_face_llama(bias):
     C, H = cfg.n_embd, cfg.mlp_width
     hf_cfg = transformers.LlamaConfig(
         vocab_size=50, hidden_size=C, intermediate_size=H, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attention_bias=bias, mlp_bias=bias,
         rope_theta=cfg.rope_theta,  # accepted by transformers 4.x and 5.x alike
     )
@@ -217,7 +223,7 @@ def test_llama_options_equal_hugging_face_llama(bias):
         mapped[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
         mapped[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
         for kind in ("weight", "bias") if bias else ("weight",):
-            q, k, v = sd[b + f"attn.qkv.{kind}"].split(C)
+            q, k, v = sd[b + f"attn.qkv.{kind}"].split((C, cfg.kv_heads * cfg.head_size, cfg.kv_heads * cfg.head_size))
             gate, up = sd[b + f"mlp.fc.{kind}"].split(H)
             mapped.update({h + f"self_attn.q_proj.{kind}": q, h + f"self_attn.k_proj.{kind}": k,
                            h + f"self_attn.v_proj.{kind}": v, h + f"self_attn.o_proj.{kind}": sd[b + f"attn.proj.{kind}"],
@@ -236,3 +242,46 @@ def test_architecture_line_says_whether_there_are_biases():
     line = describe_architecture(small(**GPT2, bias=True))
     assert "with biases: model.bias=true" in line and "learned positions" in line and "GELU" in line
     assert "rotary positions (theta 10000)" in describe_architecture(small(**LLAMA))
+
+
+def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_values():
+    """A GQA model computes what a multi-head model computes whose key/value heads are copies: head i's
+    keys and values are those of kv head i // (n_head / n_kv_head). With the cache, without, and both
+    ways of sharing (SDPA's enable_gqa, repeated keys and values)."""
+    from tinylm import model as model_module
+
+    torch.manual_seed(0)
+    arch = {**LLAMA, "qk_norm": True}
+    gqa_cfg = small(**arch, n_head=4, n_kv_head=2)
+    gqa = GPT(gqa_cfg, vocab_size=50).eval()
+    mha = GPT(small(**arch, n_head=4), vocab_size=50).eval()
+    sd = dict(gqa.state_dict())
+    C, hs = 32, 8
+    for i in range(gqa_cfg.n_layer):
+        q, k, v = sd[f"blocks.{i}.attn.qkv.weight"].split((C, 2 * hs, 2 * hs))
+        copies = lambda w: w.view(2, hs, C).repeat_interleave(2, dim=0).reshape(C, C)  # noqa: E731
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat((q, copies(k), copies(v)))
+    mha.load_state_dict(sd)
+    idx = torch.randint(50, (2, 16))
+    expected = mha(idx)[0]
+    assert torch.allclose(gqa(idx)[0], expected, atol=1e-5)
+    cache = gqa.new_cache(batch=2)
+    assert cache.k.shape == (2, 2, 2, 16, hs)  # (layers, batch, kv heads, positions, hs): half a full cache
+    stepped = torch.cat([gqa(idx[:, :9], cache=cache)[0], *(gqa(idx[:, i : i + 1], cache=cache)[0] for i in range(9, 16))], 1)
+    assert torch.allclose(stepped, expected, atol=1e-5)
+    flag = model_module.SDPA_GQA
+    try:
+        model_module.SDPA_GQA = not flag  # the other way of sharing gives the same logits
+        assert torch.allclose(gqa(idx)[0], expected, atol=1e-5)
+    finally:
+        model_module.SDPA_GQA = flag
+
+
+def test_n_kv_head_must_divide_n_head():
+    from tinylm import config as config_
+    from tinylm.errors import UserError
+
+    with pytest.raises(UserError, match=r"model.n_head \(4\) must be divisible by model.n_kv_head \(3\)"):
+        config_.load(None, {"model.n_kv_head": 3})
+    assert config_.load(None, {"model.n_kv_head": 2}).model.kv_heads == 2
+    assert config_.load(None).model.kv_heads == 4  # 0: every query head has its own keys and values

@@ -18,13 +18,7 @@ from tinylm.errors import UserError
 from tinylm.loop import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: these tiny runs are faster that way on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: faster on one thread (conftest.py)
 
 
 def train_losses(run_dir) -> list[tuple[int, float]]:
@@ -116,7 +110,7 @@ def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, markov_file):
 @pytest.mark.parametrize("poisoned", ["7", "6-7"])
 def test_isolated_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, markov_file, monkeypatch, poisoned):
     monkeypatch.setenv("TINYLM_TEST_NAN_STEPS", poisoned)
-    bad = guard.injected_nan_steps()
+    bad = guard.injected_steps("TINYLM_TEST_NAN_STEPS")
     cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"},
                       train={"max_steps": 12, "eval_interval": 4, "log_interval": 1, "sample_tokens": 0, "max_bad_steps": 3})
     lines: list[str] = []
@@ -180,6 +174,7 @@ def test_guard_skips_an_infinite_loss_or_gradient_and_stops_after_a_streak():
     assert [line.split(":")[0] for line in lines] == ["warning"] * 3 and g.skipped == 3
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_guard_skips_on_the_gpu_without_waiting():
     torch.manual_seed(0)

@@ -91,7 +91,7 @@ def test_a_step_with_a_non_finite_loss_moves_nothing(ids):
     guard = BlowUpGuard(3, CPU, optimizer, lines.append)
     learner = make_learner(model, optimizer, Dist(CPU), None, compile=False)
     batches = draw_batches(ids, t, BLOCK, torch.Generator().manual_seed(0), step=0, dist=Dist(CPU))
-    loss, _ = train_step(learner, batches, 1e-2, t.grad_clip, guard, number=1, poison=True)
+    loss, _ = train_step(learner, batches, 1e-2, t.grad_clip, guard, number=1, poison="nan")
     assert math.isnan(loss.item()) and "step 1: the loss or the gradient is not finite" in lines[0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not optimizer.state
     train_step(learner, batches, 1e-2, t.grad_clip, guard, number=2)  # a good step after it updates

@@ -13,7 +13,7 @@ from tinylm.loop import LOG_POINTS, train
 from tinylm.model import GPT
 from tinylm.optim import learning_rate, make_optimizer
 
-SCALARS = {"train/loss", "val/loss", "val/bpb", "val/ppl", "lr", "grad_norm", "tokens_per_sec"}
+SCALARS = {"train/loss", "val/loss", "val/bpb", "val/ppl", "lr", "grad_norm", "speed/tokens_per_sec", "speed/mfu_percent"}
 
 
 def test_learns_a_markov_chain_down_to_its_entropy(tmp_path, markov_file):

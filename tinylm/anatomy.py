@@ -160,6 +160,9 @@ def describe_architecture(cfg: ModelConfig) -> str:
         "LayerNorm" if cfg.norm == "layernorm" else "RMSNorm",
         {"gelu": "GELU", "relu2": "ReLU-squared", "swiglu": "SwiGLU"}[cfg.mlp] + f" MLP ({cfg.mlp_width} wide)",
         *(["QK-norm"] if cfg.qk_norm else []),
+        *([f"grouped-query attention ({cfg.kv_heads} key/value head{'s' if cfg.kv_heads > 1 else ''} for "
+           f"{cfg.n_head} query heads)"]
+          if cfg.kv_heads != cfg.n_head else []),
         "head tied to the token embedding" if cfg.tie_embeddings else "untied head",
     ]
     if cfg.bias:
@@ -189,50 +192,59 @@ GPT2_XL = gpt2_config(n_layer=48, n_head=25, n_embd=1600, block_size=1024)
 
 def parameter_formula(cfg: ModelConfig, vocab_size: int) -> int:
     """The parameter count of tinylm's GPT in closed form, for any of its architecture options
-    (V vocab, T context, C width, L layers, H the MLP's hidden width, hs = C / n_head).
+    (V vocab, T context, C width, L layers, H the MLP's hidden width, hs = C / n_head, K = n_kv_head * hs
+    the width of the keys and of the values: C unless grouped-query attention shares them).
 
-    token embeddings V*C, learned positions T*C (rotary ones have none); per block: attention qkv 3C^2 and
-    proj C^2, an MLP of fc C*H (2*C*H for SwiGLU's gate and up) and proj H*C, two norms of C gains each,
-    QK-norm 2*hs; the final norm C; with biases every Linear adds one per output and a LayerNorm one
-    per channel; an untied output head another V*C. GPT-2 (H = 4C, biases) makes a block 12C^2 + 13C.
+    token embeddings V*C, learned positions T*C (rotary ones have none); per block: attention qkv
+    C*(C + 2K) (3C^2 when K = C) and proj C^2, an MLP of fc C*H (2*C*H for SwiGLU's gate and up) and proj
+    H*C, two norms of C gains each, QK-norm 2*hs; the final norm C; with biases every Linear adds one per
+    output and a LayerNorm one per channel; an untied output head another V*C. GPT-2 (H = 4C, biases)
+    makes a block 12C^2 + 13C.
     """
     V, T, C, L, H = vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.mlp_width
+    K = cfg.kv_heads * cfg.head_size
     fc_out = 2 * H if cfg.mlp == "swiglu" else H
     norm = 2 * C if cfg.norm == "layernorm" and cfg.bias else C
-    block = 4 * C * C + (fc_out + H) * C + 2 * norm + (2 * cfg.head_size if cfg.qk_norm else 0)
+    block = (2 * C + 2 * K) * C + (fc_out + H) * C + 2 * norm + (2 * cfg.head_size if cfg.qk_norm else 0)
     if cfg.bias:
-        block += 4 * C + fc_out + C  # qkv 3C and proj C; the MLP's fc and proj
+        block += 2 * C + 2 * K + fc_out + C  # qkv C + 2K and proj C; the MLP's fc and proj
     positions = T * C if cfg.pos == "learned" else 0
     return V * C + positions + L * block + norm + (0 if cfg.tie_embeddings else V * C)
 
 
 def formula_text(cfg: ModelConfig) -> tuple[str, str]:
     """The formula for this architecture, and its per-block terms spelled out."""
-    C, H = cfg.n_embd, cfg.mlp_width
+    C, H, K = cfg.n_embd, cfg.mlp_width, cfg.kv_heads * cfg.head_size
+    gqa = K != C  # grouped-query attention: keys and values narrower than the queries
     up = 2 if cfg.mlp == "swiglu" else 1  # fc's outputs per hidden unit
     norm_c = 2 if cfg.norm == "layernorm" and cfg.bias else 1
-    c2, ch, h, c = 4, 0, 0, 2 * norm_c  # coefficients of C^2, C*H, H and C in one block
+    c2, ch, h, c = (2 if gqa else 4), 0, 0, 2 * norm_c  # coefficients of C^2, C*H, H and C in one block
     if H == 4 * C:
         c2 += 4 * (up + 1)
     else:
         ch = up + 1
     if cfg.bias:
-        c += 4 + 1
+        c += (2 if gqa else 4) + 1
         if H == 4 * C:
             c += 4 * up
         else:
             h = up
-    terms = [f"{c2}*C^2", f"{ch}*C*H" if ch else "", f"{h}*H" if h else "", f"{c}*C", "2*hs" if cfg.qk_norm else ""]
+    terms = [f"{c2}*C^2", "2*C*K" if gqa else "", f"{ch}*C*H" if ch else "", f"{h}*H" if h else "", f"{c}*C",
+             "2*K" if gqa and cfg.bias else "", "2*hs" if cfg.qk_norm else ""]
     formula = ("P = V*C" + (" + T*C" if cfg.pos == "learned" else "") + f" + L*({' + '.join(t for t in terms if t)})"
                + f" + {'2*C' if norm_c == 2 else 'C'}" + ("" if cfg.tie_embeddings else " + V*C"))
-    if H != 4 * C:
-        formula += f", with H = {H} (the MLP's width)"
+    where = ([f"H = {H} (the MLP's width)"] if H != 4 * C else []) + (
+        [f"K = {K} (n_kv_head x hs = {cfg.kv_heads} x {cfg.head_size}: the width of the keys and of the values)"]
+        if gqa else [])
+    if where:
+        formula += ", with " + " and ".join(where)
     if H == 4 * C:
         fc, proj, mlp = f"{4 * up}*C^2", "4*C^2", f"{4 * (up + 1)}*C^2"
     else:
         fc, proj, mlp = (f"{up}*C*H" if up > 1 else "C*H"), "H*C", f"{up + 1}*C*H"
-    per_block = (f"per block: attention 4*C^2 (qkv 3*C^2, proj C^2), MLP {mlp} (fc {fc}"
+    attention = "2*C^2 + 2*C*K (q C^2, k and v C*K each, proj C^2)" if gqa else "4*C^2 (qkv 3*C^2, proj C^2)"
+    per_block = (f"per block: attention {attention}, MLP {mlp} (fc {fc}"
                  + (": gate and up" if up == 2 else "") + f", proj {proj}), norms 2*C"
                  + (", QK-norm 2*hs" if cfg.qk_norm else "")
-                 + (f", biases {c - 2}*C" + (f" + {h}*H" if h else "") if cfg.bias else ""))
+                 + (f", biases {c - 2}*C" + (" + 2*K" if gqa else "") + (f" + {h}*H" if h else "") if cfg.bias else ""))
     return formula, per_block

@@ -70,8 +70,8 @@ def cmd_train(argv: list[str]) -> int:
                    help="text files, folders or datasets, as data.paths below (default: the built-in corpus)")
     p.add_argument("--run_dir", help="where to write the run (default: runs/<config name>, numbered if taken)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    p.add_argument("--init_from", metavar="DIR", help="fine-tune a GPT-2 folder (transformers' save_pretrained): "
-                   "its weights, shape and tokenizer (same as --train.init_from=DIR)")
+    p.add_argument("--init_from", metavar="DIR", help="fine-tune a GPT-2 or Llama folder (transformers' "
+                   "save_pretrained): its weights, shape and tokenizer (same as --train.init_from=DIR)")
     args = p.parse_args(rest)
     if args.data:
         overrides["data.paths"] = args.data

@@ -45,6 +45,9 @@ class ModelConfig:
 
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads per block; each head is n_embd / n_head wide")
+    n_kv_head: int = setting(0, "key/value heads (grouped-query attention, as in Llama 2 70B and Llama 3: each "
+                                "shares its keys and values with n_head / n_kv_head query heads, which shrinks "
+                                "the KV cache and the qkv projection); 0 = n_head, every head its own")
     n_embd: int = setting(256, "width of every token vector (the embedding size)")
     block_size: int = setting(128, "context length: how many tokens the model sees at once")
     bias: bool = setting(False, "biases in Linear and LayerNorm layers (the b in y = w*x + b); off (Llama) is as "
@@ -71,6 +74,11 @@ class ModelConfig:
     def head_size(self) -> int:
         """Channels per attention head: n_embd / n_head (validate checks that it divides)."""
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0 (plain multi-head attention)."""
+        return self.n_kv_head or self.n_head
 
     @property
     def mlp_width(self) -> int:
@@ -133,10 +141,15 @@ class TrainConfig:
     sample_tokens: int = setting(120, "tokens sampled and logged at every evaluation (0 = none)")
     seed: int = setting(1337, "random seed: initial weights, batches, dropout, samples")
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = setting("auto", "auto = bfloat16 autocast where the hardware has fast bf16 (GPUs, CPUs with "
-                                 "AVX-512 BF16/AMX), else float32", ("auto", "float32", "bfloat16"))
-    compile: bool = setting(False, "torch.compile the model: pays off on GPUs; on a 2-core CPU its compile time "
-                                   "outweighs it")
+    dtype: str = setting("auto", "autocast precision of the matrix products (weights stay float32). auto = "
+                                 "bfloat16 where the hardware has it natively (GPUs from Ampere on, CPUs with "
+                                 "AVX-512 BF16/AMX), float16 on older GPUs (T4, V100), else float32. float16 "
+                                 "trains with loss scaling (torch.amp.GradScaler): see docs/hardware.md",
+                         ("auto", "float32", "bfloat16", "float16"))
+    compile: str = setting("auto", "torch.compile the model: auto compiles on a CUDA GPU when the run's time budget "
+                                   "repays the expected compile time (measured on this machine after the first "
+                                   "compiled run, see docs/hardware.md), never on a CPU, where compiling outweighs "
+                                   "its gain in a run of minutes", ("auto", "true", "false"))
     optimizer: str = setting("muon", "adamw, or muon: Muon for the blocks' weight matrices, AdamW for "
                                      "embeddings and gains", ("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate (follows the same warmup and decay as lr)")
@@ -144,8 +157,8 @@ class TrainConfig:
                                     "stop the run")
     strategy: str = setting("ddp", "with several processes (torchrun): ddp (whole model in each) or fsdp "
                                    "(sharded)", ("ddp", "fsdp"))
-    init_from: str = setting("", "a GPT-2 folder (transformers' save_pretrained) to fine-tune: its weights, shape "
-                                 "and tokenizer")
+    init_from: str = setting("", "a GPT-2 or Llama-family folder (transformers' save_pretrained, tinylm export's "
+                                 "among them) to fine-tune: its weights, shape and tokenizer")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -217,7 +230,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
                 raise bad from None
         raise bad
     if kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML's true/false for a setting with choices such as "auto", "true", "false"
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise bad
     raise AssertionError(f"unhandled field type {kind}")
@@ -254,6 +269,10 @@ def validate(cfg: Config) -> Config:
         positive(f"model.{key}", getattr(m, key))
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    non_negative("model.n_kv_head", m.n_kv_head)
+    if m.n_head % m.kv_heads:
+        raise UserError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head}): "
+                        "each key/value head serves the same number of query heads")
     if not 0 <= m.dropout < 1:
         raise UserError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     positive("model.rope_theta", m.rope_theta)

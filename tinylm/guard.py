@@ -16,7 +16,13 @@ the verdicts are read back where the loop syncs anyway (logging, evaluation). An
 GPU reads the verdict at once, at the cost of one sync per step. That protocol is private to torch:
 `honours_found_inf` and `step_unless_found_inf` are the only code that touches it.
 
-Test switch: TINYLM_TEST_NAN_STEPS="7", "12-14" or "3,12-14" makes the loss of those steps NaN.
+With float16 autocast a loss scaler (torch.amp.GradScaler) scales the loss up so that small gradients
+survive float16's range; when gradients overflow instead, the step is skipped and the scale halved. The
+guard tells that apart from a blow-up (see `BlowUpGuard`).
+
+Test switches: TINYLM_TEST_NAN_STEPS="7", "12-14" or "3,12-14" makes the loss of those steps NaN;
+TINYLM_TEST_OVERFLOW_STEPS (same form) makes their gradients inf while the loss stays finite, as a
+float16 overflow in the backward pass does.
 """
 
 from __future__ import annotations
@@ -115,43 +121,73 @@ def honours_found_inf(optimizer: torch.optim.Optimizer) -> bool:
         return False
 
 
+# The loss scale below which float16 training is given up (fairseq's --min-loss-scale, 1e-4): the scale
+# starts at 65,536 and halves at every step whose gradients overflow, so it falls this low only after some
+# thirty such halvings with too few clean steps between them to grow back: gradients that overflow float16
+# even scaled far down, which a smaller scale no longer cures.
+SCALE_FLOOR = 1e-4
+
+
 class BlowUpGuard:
+    """Makes each optimizer update: optimizer.step(), unless the loss or the gradient is not finite.
+
+    With float16 loss scaling (a torch.amp.GradScaler, `scaler`), gradients that overflow are the
+    scaler's to handle: the step is skipped and the scale halved, which is no blow-up (it happens a few
+    times at the start of any float16 run, while the scale comes down to what the gradients allow). Only
+    a loss that is not finite counts towards max_bad_steps, and a scale that collapses below SCALE_FLOOR
+    stops the run. The guard then also makes the scaler's update after each step."""
+
     def __init__(self, max_bad_steps: int, device: torch.device, optimizer: torch.optim.Optimizer,
-                 out: Callable[[str], None]):
+                 out: Callable[[str], None], scaler: torch.amp.GradScaler | None = None):
         self.max_bad_steps = max_bad_steps
         self.out = out
+        self.scaler = scaler
         self.on_device = device.type == "cuda" and honours_found_inf(optimizer)
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, verdict still on the GPU)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, verdicts still on the GPU)
         self.streak: list[int] = []  # the steps of the current run of bad steps
-        self.skipped = 0
+        self.skipped = 0  # steps skipped as blow-ups
+        self.overflows = 0  # steps the loss scaler skipped (float16 gradients that overflowed)
+        self.overflow_streak = 0
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> None:
         """optimizer.step(), unless the loss or the gradient norm is inf or NaN (a NaN anywhere in the
-        gradient makes its norm NaN, and any micro-batch's NaN loss reaches the gradient)."""
-        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        gradient makes its norm NaN, and any micro-batch's NaN loss reaches the gradient); then the
+        scaler's update, if any (the gradients were unscaled before clipping: tinylm/step.py)."""
+        finite_loss = torch.isfinite(loss.detach())
+        skip = ~(finite_loss & torch.isfinite(grad_norm))
+        blowup = ~finite_loss if self.scaler is not None else skip  # overflowing gradients: the scaler's
         if self.on_device:
             # 0-dim, as GradScaler's: the fused step subtracts it from each parameter's 0-dim step count.
-            step_unless_found_inf(optimizer, bad.float())
-            self.pending.append((step, bad))
-        elif bool(bad):
-            self._record(step, True)
-        else:
+            step_unless_found_inf(optimizer, skip.float())
+            self.pending.append((step, torch.stack((blowup, skip))))
+        elif not bool(skip):
             optimizer.step()
-            self._record(step, False)
+        if self.scaler is not None:
+            self.scaler.update()  # halves the scale after inf/NaN gradients, doubles it after 2,000 clean steps
+        if not self.on_device:
+            self._record(step, bool(blowup), bool(skip))
 
     def poll(self) -> None:
         """Take in the verdicts still on the GPU (one transfer; call it where the loop syncs anyway)."""
         if self.pending:
-            verdicts = torch.stack([bad for _, bad in self.pending]).tolist()
+            verdicts = torch.stack([v for _, v in self.pending]).tolist()
             steps = [step for step, _ in self.pending]
             self.pending = []
-            for step, bad in zip(steps, verdicts):
-                self._record(step, bad)
+            for step, (blowup, skip) in zip(steps, verdicts):
+                self._record(step, blowup, skip)
 
-    def _record(self, step: int, bad: bool) -> None:
-        if not bad:
+    def _record(self, step: int, blowup: bool, skipped: bool) -> None:
+        if blowup:
+            self._blowup(step)
+        elif skipped:  # only with a scaler: its business, unless the scale has collapsed
+            self.overflows += 1
+            self.overflow_streak += 1
+            self._check_scale(step)
+        else:
             self.streak = []
-            return
+            self.overflow_streak = 0
+
+    def _blowup(self, step: int) -> None:
         self.streak.append(step)
         self.skipped += 1
         self.out(f"warning: step {step}: the loss or the gradient is not finite; the update was skipped "
@@ -161,6 +197,13 @@ class BlowUpGuard:
             raise Diverged(f"training diverged: the loss or the gradient was not finite for {len(self.streak)} "
                            f"steps in a row (steps {first}-{last}), each skipped")
 
+    def _check_scale(self, step: int) -> None:
+        scale = self.scaler.get_scale()
+        if scale < SCALE_FLOOR:
+            raise Diverged(f"training diverged: the float16 loss scale fell to {scale:.2g} (below {SCALE_FLOOR:g}) "
+                           f"at step {step}: the gradients overflowed float16 at {self.overflow_streak} steps in a "
+                           f"row however far they were scaled down; train in bfloat16 or float32 (train.dtype)")
+
 
 def params_finite(model: torch.nn.Module) -> bool:
     """True when no weight is inf or NaN (a finite gradient with a huge step can still overflow one).
@@ -169,10 +212,10 @@ def params_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([p.isfinite().all() for p in local]).all())
 
 
-def injected_nan_steps() -> set[int]:
-    """The steps whose loss TINYLM_TEST_NAN_STEPS asks to poison, for fault-injection tests."""
+def injected_steps(variable: str) -> set[int]:
+    """The steps a fault-injection variable (TINYLM_TEST_NAN_STEPS, TINYLM_TEST_OVERFLOW_STEPS) names."""
     steps: set[int] = set()
-    for part in filter(None, os.environ.get("TINYLM_TEST_NAN_STEPS", "").replace(" ", "").split(",")):
+    for part in filter(None, os.environ.get(variable, "").replace(" ", "").split(",")):
         first, _, last = part.partition("-")
         steps.update(range(int(first), int(last or first) + 1))
     return steps

@@ -14,10 +14,13 @@ tinylm's model is one of two architectures that transformers loads, chosen by th
 
 Any other mix (ReLU squared, QK-norm, learned positions with RMSNorm, ...) is refused with the reason.
 
-`architecture` and `to_hf` write the format (`tinylm export`); `read_pretrained` reads a GPT-2 folder
-written by `save_pretrained` (config.json, model.safetensors or pytorch_model.bin, and a tokenizer) back
-into a tinylm model config, state dict and tokenizer (`tinylm train --init_from`). None of this needs
-`transformers`: config.json is plain JSON and the weights are safetensors.
+`architecture` and `to_hf` write the format (`tinylm export`); `read_pretrained` reads a GPT-2 or Llama
+folder written by `save_pretrained` (config.json, model.safetensors or pytorch_model.bin, and a
+tokenizer) back into a tinylm model config, state dict and tokenizer (`tinylm train --init_from`):
+Llama-family models with grouped-query attention, a tied or untied head, any rope_theta, RMSNorm eps
+and intermediate_size, tinylm's own exports among them. What tinylm's model cannot compute (rope
+scaling, sliding windows, experts, ...) is refused with the reason. None of this needs `transformers`:
+config.json is plain JSON and the weights are safetensors.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import torch
 
 from tinylm.config import ModelConfig
 from tinylm.errors import UserError
+from tinylm.hf_config import RELATIVES, gpt2_config_json, gpt2_model, llama_config_json, llama_model, refuse
 from tinylm.tokenizer import EOT, TextTokenizer
 
-LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, and GPT-2's
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 # One entry per tinylm tensor: (tinylm name, the Hugging Face names it becomes, transposed). Several
@@ -103,6 +106,9 @@ def architecture(m: ModelConfig) -> str:
                         "GPT2LMHeadModel nor LlamaForCausalLM")
     have = switches(m)
     if have == GPT2_SWITCHES:
+        if m.kv_heads != m.n_head:
+            raise UserError(f"cannot export: model.n_kv_head={m.n_kv_head} (grouped-query attention) does not exist in "
+                            "GPT2LMHeadModel; Llama (pos=rope, norm=rmsnorm, mlp=swiglu) has it")
         return "gpt2"
     if have == LLAMA_SWITCHES:
         return "llama"
@@ -116,60 +122,10 @@ def architecture(m: ModelConfig) -> str:
 
 # ---------------------------------------------------------------- tinylm -> Hugging Face
 
-
-def gpt2_config_json(m: ModelConfig, vocab_size: int, eot_id: int) -> dict[str, Any]:
-    """config.json of a GPT2LMHeadModel with tinylm's shape (written by hand: no transformers needed)."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": vocab_size,
-        "n_positions": m.block_size,
-        "n_embd": m.n_embd,
-        "n_layer": m.n_layer,
-        "n_head": m.n_head,
-        "n_inner": m.mlp_width,
-        "activation_function": "gelu_new",  # GELU, tanh approximation: F.gelu(x, approximate="tanh")
-        "layer_norm_epsilon": m.norm_eps,
-        "initializer_range": 0.02,
-        "resid_pdrop": m.dropout,
-        "embd_pdrop": m.dropout,
-        "attn_pdrop": m.dropout,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": m.tie_embeddings,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
-
-
-def llama_config_json(m: ModelConfig, vocab_size: int, eot_id: int) -> dict[str, Any]:
-    """config.json of a LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU, full multi-head attention."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": m.n_embd,
-        "intermediate_size": m.mlp_width,
-        "num_hidden_layers": m.n_layer,
-        "num_attention_heads": m.n_head,
-        "num_key_value_heads": m.n_head,  # every head has its own keys and values
-        "head_dim": m.head_size,
-        "hidden_act": "silu",
-        "max_position_embeddings": m.block_size,
-        "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": m.bias,
-        "mlp_bias": m.bias,
-        "attention_dropout": m.dropout,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": m.tie_embeddings,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
+def qkv_rows(m: ModelConfig) -> tuple[int, int, int]:
+    """The rows of the fused qkv projection that are queries, keys and values."""
+    kv = m.kv_heads * m.head_size
+    return m.n_embd, kv, kv
 
 
 def names_for(arch: str, m: ModelConfig) -> Names:
@@ -189,12 +145,14 @@ def to_hf(arch: str, m: ModelConfig, state: dict[str, torch.Tensor], vocab_size:
         t = state.get(ours)
         if t is None:  # model.bias=false exported as GPT-2: a zero bias as long as the layer's output
             t = torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
-        for name, part in zip(theirs, t.chunk(len(theirs), dim=0)):
+        # q, k and v: C, K and K rows (K = C / (n_head / n_kv_head)); gate and up: halves
+        parts = t.split(qkv_rows(m)) if len(theirs) == 3 else t.chunk(len(theirs), dim=0)
+        for name, part in zip(theirs, parts):
             tensors[name] = (part.t() if conv else part).detach().float().contiguous().clone()
     return config, tensors
 
 
-# ---------------------------------------------------------------- GPT-2 folder -> tinylm
+# ---------------------------------------------------------------- Hugging Face folder -> tinylm
 
 
 @dataclass
@@ -274,21 +232,6 @@ def read_tokenizer(folder: Path) -> TextTokenizer:
     return TextTokenizer(tok)
 
 
-def _check_gpt2(c: dict[str, Any], folder: Path) -> None:
-    """Refuse GPT-2 variants whose computation tinylm's blocks do not reproduce."""
-    def refuse(why: str) -> UserError:
-        return UserError(f"cannot import {folder}: {why}")
-
-    if c.get("model_type") != "gpt2":
-        raise refuse(f"model_type is {c.get('model_type')!r}; only GPT-2 checkpoints (model_type 'gpt2') can be imported")
-    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise refuse(f"activation_function is {c['activation_function']!r}; tinylm's MLP uses GELU's tanh form (gelu_new)")
-    if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
-        raise refuse("its attention scaling differs from 1/sqrt(head size)")
-    if c.get("add_cross_attention", False):
-        raise refuse("it has cross-attention (an encoder-decoder model)")
-
-
 def from_hf_state(tensors: dict[str, torch.Tensor], names: Names, folder: Path) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> tinylm state dict (split tensors joined, Conv1D weights transposed back)."""
     # GPT2Model checkpoints (the original openai-community/gpt2 files) lack the "transformer." prefix.
@@ -306,7 +249,8 @@ def from_hf_state(tensors: dict[str, torch.Tensor], names: Names, folder: Path) 
 
 
 def read_pretrained(folder: str | Path) -> Pretrained:
-    """A GPT-2 checkpoint folder (as `save_pretrained` writes it) as a tinylm config, weights and tokenizer."""
+    """A GPT-2 or Llama checkpoint folder (as `save_pretrained` writes it) as a tinylm config, weights and
+    tokenizer."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"pretrained model folder not found: {folder}")
@@ -315,15 +259,21 @@ def read_pretrained(folder: str | Path) -> Pretrained:
     c = _read_json(folder / "config.json")
     if not isinstance(c, dict):
         raise UserError(f"{folder / 'config.json'} is not a model config (a JSON object)")
-    _check_gpt2(c, folder)
-    for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-        if not isinstance(c.get(key), int) or c[key] <= 0:
-            raise UserError(f"{folder / 'config.json'} has no valid {key} (a positive whole number)")
-    tied = bool(c.get("tie_word_embeddings", True))
-    m = ModelConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["n_positions"],
-                    bias=True, dropout=0.0, tie_embeddings=tied, pos="learned", norm="layernorm", mlp="gelu",
-                    mlp_hidden=c.get("n_inner") or 0, norm_eps=c.get("layer_norm_epsilon", LAYER_NORM_EPS), qk_norm=False)
-    state = from_hf_state(read_tensors(folder), gpt2_names(m.n_layer, tied), folder)
+    kind = c.get("model_type")
+    if kind not in ("gpt2", "llama"):
+        why = f"; it has {RELATIVES[kind]}" if kind in RELATIVES else ""
+        raise refuse(folder, f"model_type is {kind!r}{why}; tinylm imports GPT-2 (model_type 'gpt2') and Llama "
+                             "(model_type 'llama') checkpoints")
+    m = (gpt2_model if kind == "gpt2" else llama_model)(c, folder)
+    names = names_for(kind, m)
+    tensors = read_tensors(folder)
+    if kind == "llama":  # a tensor with no place in the model (a bias config.json does not declare, ...)
+        used = {name for _, theirs, _ in names for name in theirs}
+        extra = sorted(k for k in tensors if k not in used and not k.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise refuse(folder, f"its weights hold {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}, "
+                                 "which its config.json does not describe")
+    state = from_hf_state(tensors, names, folder)
     tok = read_tokenizer(folder)
     vocab = c["vocab_size"]
     if tok.vocab_size > vocab:

@@ -185,6 +185,7 @@ def train_until_stopped(tr: Training, state: LoopState, stop: guard.StopSignals,
     t, block = tr.cfg.train, tr.cfg.model.block_size
     clock = stopwatch(state.elapsed)
     meter = Throughput()
+    timer = tr.compile_timer
     while True:
         # Several processes stop at the same step, whichever got the signal, and follow one clock.
         signum, state.elapsed = tr.d.agree(stop.signal, state.elapsed)
@@ -192,8 +193,12 @@ def train_until_stopped(tr: Training, state: LoopState, stop: guard.StopSignals,
             return signum, clock
         lr = learning_rate(state.step, progress(state.step, state.elapsed, t), t)
         batches = draw_batches(tr.prep.train, t, block, state.batch_gen, state.step, tr.d)
+        if timer is not None:
+            timer.start()
         loss, grad_norm = train_step(tr.learner, batches, lr, t.grad_clip, tr.guard, number=state.step + 1,
-                                     poison=state.step + 1 in tr.poisoned)  # poison: TINYLM_TEST_NAN_STEPS
+                                     poison=tr.poisoned.get(state.step + 1, ""))  # TINYLM_TEST_*_STEPS
+        if timer is not None and timer.stop():  # a compiled run's compile time, kept for the next decision
+            timer = None
         state.step += 1
         state.tokens += tr.tokens_per_step
         meter.tokens += tr.tokens_per_step
@@ -240,12 +245,23 @@ class Throughput:
 
 def log_step(tr: Training, state: LoopState, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor,
              tokens_per_sec: float, bar: Any) -> None:
+    """The training loss and the speed, to TensorBoard and the progress bar: tokens/s and, where the
+    device's peak is known, model FLOPs utilisation (tinylm/speed.py: the FLOPs the model needs per token
+    times tokens/s, over the peak of every process's device)."""
     loss_value = loss.item()  # the only host sync in the step, and only every log_interval
     tr.guard.poll()
-    for tag, value in (("train/loss", loss_value), ("lr", lr), ("grad_norm", float(grad_norm)),
-                       ("tokens_per_sec", tokens_per_sec)):
+    scalars = {"train/loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "speed/tokens_per_sec": tokens_per_sec}
+    shown = {"loss": f"{loss_value:.3f}", "tok_s": f"{tokens_per_sec:,.0f}"}
+    if tr.peak is not None:
+        mfu = 100 * tokens_per_sec * tr.flops_per_token / (tr.peak.flops * tr.d.world)
+        scalars["speed/mfu_percent"] = mfu
+        shown["mfu"] = f"{mfu:.1f}%"
+    scaler = tr.learner.scaler
+    if scaler is not None:  # float16: the loss scale, and how many steps its overflows skipped
+        scalars["amp/loss_scale"], scalars["amp/overflow_steps"] = scaler.get_scale(), tr.guard.overflows
+    for tag, value in scalars.items():
         tr.writer.add_scalar(tag, value, state.step)
-    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_sec:,.0f}", lr=f"{lr:.2e}")
+    bar.set_postfix(**shown, lr=f"{lr:.2e}")
 
 
 def stop_run(tr: Training, state: LoopState, signum: int) -> TrainResult:
@@ -354,4 +370,5 @@ def checkpoint_contents(tr: Training, state: LoopState, weights: dict, moments: 
         "vocab_size": tr.vocab_size,
         "data": tr.data_id,
         "environment": environment(),
+        **({"scaler": tr.learner.scaler.state_dict()} if tr.learner.scaler is not None else {}),  # float16's loss scale
     }

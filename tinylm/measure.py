@@ -8,6 +8,9 @@ timing the candidates on the machine at hand, the first time they are needed, an
 
     value, cached = measure.cached("attention", {"shape": [16, 6, 256, 64]}, lambda: time_both())
 
+and a figure that only a run can observe (how long torch.compile took) is kept with `store` and read
+back with `lookup`.
+
 A result is filed under what it measured (its name and parameters) and under this machine's identity
 (`machine()`: the CPU's model and the features that matter for matrix work, the GPU, the thread count,
 the torch version), so a different machine, another thread count or a new torch measures afresh.
@@ -126,18 +129,30 @@ def _write(path: Path, entries: dict[str, Any]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def lookup(name: str, params: dict[str, Any]) -> Any | None:
+    """This machine's measurement of (name, params), or None if it has none yet."""
+    entry = _read(cache_path()).get(key(name, params))
+    return entry["value"] if isinstance(entry, dict) and "value" in entry else None
+
+
+def store(name: str, params: dict[str, Any], value: Any) -> None:
+    """Keep a measurement (plain JSON data) made on this machine, replacing an earlier one: for figures
+    that only something else can measure, such as the compile time a run observes."""
+    path = cache_path()
+    entries = _read(path)  # read just before writing: another process may have added entries
+    entries[key(name, params)] = {"value": value, "name": name, "params": params, "machine": machine(),
+                                  "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _write(path, entries)
+
+
 def cached(name: str, params: dict[str, Any], measure: Callable[[], Any]) -> tuple[Any, bool]:
     """(the measurement, whether it came from the cache): measure() runs only if this machine has no
     entry for (name, params) yet. Its result must be plain JSON data."""
-    path, entry = cache_path(), key(name, params)
-    entries = _read(path)
-    if entry in entries and isinstance(entries[entry], dict) and "value" in entries[entry]:
-        return entries[entry]["value"], True
+    value = lookup(name, params)
+    if value is not None:
+        return value, True
     value = measure()
-    entries = _read(path)  # re-read: another process may have added entries meanwhile
-    entries[entry] = {"value": value, "name": name, "params": params, "machine": machine(),
-                      "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    _write(path, entries)
+    store(name, params, value)
     return value, False
 
 

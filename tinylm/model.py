@@ -11,8 +11,9 @@ Config switches choose between the two families this file implements:
     Llama:            pos=rope     norm=rmsnorm    mlp=swiglu  bias=false
 
 The Llama options follow Hugging Face's `LlamaForCausalLM` exactly (RoPE with `rotate_half`, RMSNorm
-with an eps, SwiGLU = down(silu(gate(x)) * up(x))), so such a model can be exported as one: `qkv` holds
-q_proj, k_proj, v_proj stacked by rows, and `mlp.fc` holds gate_proj then up_proj.
+with an eps, SwiGLU = down(silu(gate(x)) * up(x)), grouped-query attention with model.n_kv_head), so
+such a model can be exported as one: `qkv` holds q_proj, k_proj, v_proj stacked by rows, and `mlp.fc`
+holds gate_proj then up_proj.
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size, V vocab.
 """
@@ -33,12 +34,14 @@ from tinylm.config import ModelConfig
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, so each new token costs the same.
 
-    Pre-allocated for `max_len` positions; `length` is how many are filled. `GPT.forward` writes the new
-    tokens' keys and values at `length`, attends over everything up to them, then advances `length`.
+    Pre-allocated for `max_len` positions of `n_kv_head` heads (with grouped-query attention fewer than
+    the query heads: the cache shrinks by the same factor); `length` is how many are filled.
+    `GPT.forward` writes the new tokens' keys and values at `length`, attends over everything up to
+    them, then advances `length`.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int, device, dtype):
-        shape = (n_layer, batch, n_head, max_len, head_size)
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_size: int, device, dtype):
+        shape = (n_layer, batch, n_kv_head, max_len, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
@@ -74,44 +77,76 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels (i, i + hs/2) by each position's angles: a query and a key then meet
-    with a dot product that depends only on how far apart they are."""
+    with a dot product that depends only on how far apart they are. x is (B, heads, T, hs), cos and
+    sin (T, hs)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
+# F.scaled_dot_product_attention shares each key/value head among its group of query heads itself
+# (enable_gqa) from torch 2.5; before that the keys and values are repeated to one per query head.
+SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+def expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Keys or values (B, n_kv_head, T, hs) repeated to (B, n_head, T, hs): query head i reads kv head
+    i // (n_head / n_kv_head), as in Llama (and transformers' repeat_kv)."""
+    return x if x.size(1) == n_head else x.repeat_interleave(n_head // x.size(1), dim=1)
+
+
 class CausalSelfAttention(nn.Module):
-    """Each token mixes in the value vectors of earlier tokens, weighted by query-key similarity."""
+    """Each token mixes in the value vectors of earlier tokens, weighted by query-key similarity.
+
+    `qkv` computes queries (n_head heads), keys and values (n_kv_head heads each) in one matrix
+    product; with grouped-query attention (n_kv_head < n_head) a group of query heads shares one key
+    and value head. `project` gives the queries, keys and values as attention uses them.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.head_size = cfg.n_head, cfg.head_size
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
+        self.n_head, self.n_kv_head, self.head_size = cfg.n_head, cfg.kv_heads, cfg.head_size
+        kv_width = self.n_kv_head * self.head_size
+        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # heads back into the residual stream
         self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, nh, T, hs), keys and values (B, n_kv_head, T, hs) of x (B, T, C): queries and keys
+        normed (qk_norm) and rotated (rope) as attention compares them."""
+        B, T, C = x.shape
+        hs = self.head_size
+        q, k, v = self.qkv(x).split((C, self.n_kv_head * hs, self.n_kv_head * hs), dim=-1)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)
+        if self.q_norm is not None:  # in float32 (under autocast q and k arrive in 16 bits), as Qwen3 does
+            q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_size)  # (B, T, 3, nh, hs)
-        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # queries and keys are normed and rotated together
-        if self.q_norm is not None:  # in float32 (under autocast q and k arrive as bfloat16), as Qwen3 does
-            q, k = qk.unbind(2)
-            qk = torch.stack((self.q_norm(q.float()), self.k_norm(k.float())), dim=2).type_as(qk)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)
-        q, k = qk.unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self.project(x, rope)
         mask, causal = None, True
         if cache is not None:
             past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            k, v = cache.update(layer, k, v)  # (B, n_kv_head, past + T, hs)
             if past:  # new queries see every cached key and the new keys up to their own position
                 causal = False
                 if T > 1:  # (a single new token sees everything: no mask needed)
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        gqa = {}
+        if self.n_kv_head != self.n_head:
+            if SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = expand_kv(k, self.n_head), expand_kv(v, self.n_head)
         dtype, cpu_bf16 = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
         if cpu_bf16:
             # PyTorch's CPU attention kernel is faster in float32 than in bfloat16 (its bf16 backward is
@@ -120,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0, **gqa
             ).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
@@ -228,8 +263,8 @@ class GPT(nn.Module):
         if self.cfg.pos == "learned":
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            # (T, 1, 1, hs) each: one angle per position and channel, the same for queries, keys and heads
-            rope = self.rope_cos[start : start + T, None, None], self.rope_sin[start : start + T, None, None]
+            # (T, hs) each: one angle per position and channel, the same for queries, keys and heads
+            rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)
@@ -245,5 +280,5 @@ class GPT(nn.Module):
     def new_cache(self, batch: int = 1) -> KVCache:
         p = self.head.weight
         c = self.cfg
-        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.head_size, p.device, p.dtype)
+        return KVCache(c.n_layer, batch, c.kv_heads, c.block_size, c.head_size, p.device, p.dtype)
 

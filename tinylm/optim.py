@@ -43,11 +43,12 @@ NS_STEPS = 5
 def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """About U V^T for g = U S V^T (the last two dimensions; leading ones are a batch), by Newton-Schulz."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(dtype)
+    # Singular values at most 1, in g's own precision first: a float16 copy of the raw momentum would
+    # round its many tiny entries to zero (float16 has no numbers below 6e-8); normalised, none is tiny.
+    x = (g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now at most 1
     shape, x = x.shape, x.reshape(-1, *x.shape[-2:])  # one batch dimension, for baddbmm
     for _ in range(steps):
         gram = x @ x.mT
@@ -179,7 +180,8 @@ def make_optimizer(
     With train.optimizer=muon (the default) the blocks' weight matrices (attention and MLP) move by Muon
     instead, at peak rate train.muon_lr and in `dtype`'s precision where that is bfloat16; embeddings,
     the output head, biases and norm gains stay with AdamW. Param groups: [0] decayed by AdamW, [1] not
-    decayed, [2] Muon.
+    decayed, [2] Muon. Muon's Newton-Schulz products run in the autocast precision (bfloat16 or float16:
+    both hold a normalised matrix well), else float32.
     """
     named = list(model.named_parameters())
     muon = [p for n, p in named if t.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]

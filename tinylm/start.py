@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, tblog
+from tinylm import checkpoint, distributed, guard, rundir, speed, tblog
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
 from tinylm.config import Config
 from tinylm.console import Console
 from tinylm.errors import UserError
-from tinylm.hardware import autocast_dtype, environment
+from tinylm.hardware import CompileTimer, autocast_dtype, compile_choice, environment
 from tinylm.model import GPT
 from tinylm.optim import describe_optimizer, make_optimizer
 from tinylm.prepare import Prepared, fingerprint, prepare
@@ -61,7 +61,10 @@ class Training:
     writer: Any  # TensorBoard (tblog.TolerantWriter; distributed.NullWriter on ranks other than 0)
     guard: guard.BlowUpGuard
     inspect: bool  # log histograms, update ratios and embeddings (rank 0, whole tensors: not under FSDP)
-    poisoned: set[int] = field(default_factory=set)  # steps whose loss a test makes NaN
+    flops_per_token: float  # training FLOPs per token (tinylm/speed.py), for MFU
+    peak: speed.Peak | None  # the device's peak FLOP/s in the run's precision, None where not known
+    compile_timer: CompileTimer | None = None  # times a compiled run's first steps (its compile time)
+    poisoned: dict[int, str] = field(default_factory=dict)  # steps a test makes fail: {step: "nan" or "overflow"}
 
     @property
     def tokens_per_step(self) -> int:
@@ -82,6 +85,9 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     its loop starts from (a resumed run's as its checkpoint left it)."""
     t = cfg.train
     dtype = autocast_dtype(t.dtype, d.device)
+    if dtype == torch.float16 and d.strategy == "fsdp":  # each process would see only its shard's overflows
+        raise UserError(f"float16 training (train.dtype={t.dtype} on {d.device.type}) needs loss scaling, which "
+                        "tinylm does with DDP only; use train.strategy=ddp, or train.dtype=float32")
     seed_everything(t.seed)
     run_dir = Path(run_dir) if run_dir is not None else d.from_main(rundir.new_dir(name) if d.main else None)
     d.on_main(lambda: held.enter_context(rundir.lock(run_dir)))  # one trainer per run directory
@@ -107,24 +113,36 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     if previous is not None:
         restore(state, previous, d, model, optimizer)
         console.say(f"resumed {run_dir} at step {state.step}")
-    learner = make_learner(model, optimizer, d, dtype, t.compile)
+    compiled, why = compile_choice(t.compile, d.device, t.max_time, cfg.model, dtype)
+    learner = make_learner(model, optimizer, d, dtype, compiled)
+    if previous is not None and learner.scaler is not None and "scaler" in previous.state:
+        learner.scaler.load_state_dict(previous.state["scaler"])  # the loss scale where it was
     if d.world > 1:
         console.say(d.describe(t, cfg.model.block_size))
-    console.say(f"device {d.device}, {'bfloat16 autocast' if dtype else 'float32'}, "
+    precision = f"{speed.dtype_name(dtype)} autocast" if dtype else "float32"
+    console.say(f"device {d.device}, {precision}{' with loss scaling' if learner.scaler else ''}, "
                 f"{tokens_per_step(cfg):,} tokens per step, up to {t.max_steps:,} steps"
-                + (f" or {t.max_time:g} s" if t.max_time else ""))
+                + (f" or {t.max_time:g} s" if t.max_time else "") + f"; torch.compile {why}")
+    flops = speed.flops_per_token(cfg.model, vocab_size)
+    peak = d.on_main(lambda: speed.device_peak(d.device, dtype))  # rank 0 logs MFU: only it times a CPU
+    console.say(speed.describe(flops, peak, d.device))
 
     # On resume, TensorBoard drops what a killed process logged after its checkpoint (purge_step).
     purge_step = state.step + 1 if previous is not None else None
     writer = (tblog.TolerantWriter(lambda: tblog.open_writer(run_dir, cfg, table, summary, environment(), purge_step),
                                    console.say) if d.main else distributed.NullWriter())
+    if peak is not None:  # MFU's denominator, beside it (speed/mfu_percent)
+        writer.add_scalar("speed/peak_tflops", peak.flops / 1e12, state.step)
     inspect = d.main and d.strategy != "fsdp"  # FSDP: each process holds a shard of each tensor
     if inspect:
         tblog.watch_updates(optimizer, model, writer, lambda: state.step + 1, t.log_interval)  # update/weight ratios
     saver = checkpoint.Saver(run_dir / rundir.CHECKPOINT, state.step if previous is not None else None, console.say)
-    blowup = guard.BlowUpGuard(t.max_bad_steps, d.device, optimizer, console.say)
+    blowup = guard.BlowUpGuard(t.max_bad_steps, d.device, optimizer, console.say, learner.scaler)
+    timer = CompileTimer(cfg.model, dtype, d.device, keep=d.main) if compiled else None
+    faults = {**dict.fromkeys(guard.injected_steps("TINYLM_TEST_NAN_STEPS"), "nan"),
+              **dict.fromkeys(guard.injected_steps("TINYLM_TEST_OVERFLOW_STEPS"), "overflow")}
     training = Training(cfg, d, run_dir, console, prep, vocab_size, data_id, learner, summary, saver, writer,
-                        blowup, inspect, guard.injected_nan_steps())
+                        blowup, inspect, flops, peak, timer, faults)
     return training, state
 
 
@@ -138,7 +156,7 @@ def prepare_data(cfg: Config, d: distributed.Dist, console: Console) -> tuple[Pr
     """The prepared data (and the pretrained model it is tokenized for, with train.init_from, else None);
     the model's shape then is the pretrained one's (cfg.model is replaced)."""
     pretrained = None
-    if cfg.train.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 folder
+    if cfg.train.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 or Llama folder
         from tinylm.hf import read_pretrained
 
         pretrained = read_pretrained(cfg.train.init_from)

@@ -12,6 +12,12 @@ precision), its backward pass (gradients summed over the micro-batches, so the s
 of their mean loss), the gradient clipped to a norm of train.grad_clip, the optimizer's update (through
 the blow-up guard, which skips an update whose loss or gradient is not finite), and the gradients
 cleared. Several processes (tinylm/distributed.py) each run their share of the micro-batches.
+
+In float16 (train.dtype=float16, or auto on a GPU without native bfloat16) small gradients would round
+to zero in float16's narrow range, so the loss is multiplied by a large scale before the backward pass
+(torch.amp.GradScaler) and the gradients divided by it again before anything reads them: clipping, the
+guard's check and the optimizer (Muon's orthogonalisation included) all see the true gradients. A step
+whose scaled gradients overflowed is skipped and the scale halved (tinylm/guard.py).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     dist: distributed.Dist
     dtype: torch.dtype | None = None  # autocast's dtype; None trains in plain float32
+    scaler: torch.amp.GradScaler | None = None  # float16's loss scaler (None in bfloat16 and float32)
 
     @property
     def device(self) -> torch.device:
@@ -47,9 +54,11 @@ class Learner:
 
 def make_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: distributed.Dist,
                  dtype: torch.dtype | None, compile: bool) -> Learner:
-    """A Learner for a model already on its device (or sharded, dist.place): compiled and wrapped as asked."""
+    """A Learner for a model already on its device (or sharded, dist.place): compiled and wrapped as asked,
+    with a loss scaler when it trains in float16."""
     core = torch.compile(model) if compile else model
-    return Learner(model, core, dist.wrap(core), optimizer, dist, dtype)
+    scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
+    return Learner(model, core, dist.wrap(core), optimizer, dist, dtype, scaler)
 
 
 @dataclass
@@ -79,16 +88,24 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def overflow_gradients(loss: torch.Tensor) -> torch.Tensor:
+    """loss, unchanged, whose gradient is inf: what a float16 overflow in the backward pass leaves
+    (fault injection for tests)."""
+    loss.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    return loss
+
+
 def train_step(learner: Learner, batches: list[MicroBatch], lr: float, grad_clip: float,
                guard: BlowUpGuard | None = None, number: int = 0,
-               poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               poison: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on `batches`; returns (mean loss of the global batch, gradient norm before
     clipping), both still on the device (reading them is a host sync: the loop does so at its log interval).
 
     grad_clip 0 means no clipping. guard: the blow-up guard that makes the update (step `number`), or
-    None for a plain optimizer.step(). poison: make the loss NaN (fault injection for tests).
+    None for a plain optimizer.step(). poison (fault injection for tests): "nan" makes the loss NaN,
+    "overflow" the gradients inf.
     """
-    model, optimizer, dist = learner.model, learner.optimizer, learner.dist
+    model, optimizer, dist, scaler = learner.model, learner.optimizer, learner.dist, learner.scaler
     set_learning_rate(optimizer, lr)
     step_loss = torch.zeros((), device=learner.device)
     for i, batch in enumerate(batches):
@@ -98,17 +115,25 @@ def train_step(learner: Learner, batches: list[MicroBatch], lr: float, grad_clip
         with dist.no_sync(learner.forward, last=i == len(batches) - 1):
             with autocast(learner.device, learner.dtype):
                 _, loss = learner.forward(batch.x, batch.y)
-            if poison:
+            if poison == "nan":
                 loss = loss * float("nan")
-            (loss / len(batches)).backward()
+            share = loss / len(batches)
+            if poison == "overflow":
+                share = overflow_gradients(share)
+            (share if scaler is None else scaler.scale(share)).backward()
         step_loss += loss.detach().float() / len(batches)
     # The global batch's mean loss, the same in every process, so the blow-up guard decides alike.
     loss = dist.average(step_loss)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients from here on: clipping, the guard and the update see them
     grad_norm = distributed.plain(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
-    if guard is None:
-        optimizer.step()
+    if guard is not None:
+        guard.step(optimizer, loss, grad_norm, number)  # optimizer.step() unless not finite; the scaler's update
+    elif scaler is not None:
+        scaler.step(optimizer)  # skipped if the gradients overflowed
+        scaler.update()
     else:
-        guard.step(optimizer, loss, grad_norm, number)  # optimizer.step() unless not finite
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
 
