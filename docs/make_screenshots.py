@@ -3,8 +3,8 @@
     python docs/make_screenshots.py                          # trains a short run first (5 minutes)
     python docs/make_screenshots.py --run_dir runs/default   # or photographs a run you already have
 
-The README's pictures: `python docs/make_screenshots.py --data tinyshakespeare.txt --max_time 900` (a
-3-layer, 128-wide model, the short run's recipe below, for 15 minutes on a 2-core CPU).
+The pictures of README.md and docs/explain.md: `python docs/make_screenshots.py --data tinyshakespeare.txt
+--max_time 900` (a 3-layer, 128-wide model, the short run's recipe below, for 15 minutes on a 2-core CPU).
 
 Needs Chromium (Debian/Ubuntu: `apt-get install chromium`; elsewhere set --browser). The script starts
 `tensorboard --logdir <the run's parent folder>` on 127.0.0.1 at a free port, waits until it serves the

@@ -69,6 +69,18 @@ def test_the_installed_package_finds_recipes_by_name_outside_the_checkout(wheel,
     assert Path(recipe) == site / "tinylm" / "configs" / "small.yaml"
     assert (n_embd, vocab) == ("384", "8192")  # small.yaml's values
 
+    # The Python API from the installed copy: texts in memory, a run in this folder, a sample from it.
+    code = ("import sys, tinylm; light = 'torch' not in sys.modules; tiny = {'model.n_layer': 1, 'model.n_head': 2, "
+            "'model.n_embd': 32, 'model.block_size': 16, 'data.tokenizer': 'char', 'train.batch_size': 4, "
+            "'train.max_steps': 2, 'train.max_time': 0, 'train.eval_batches': 1, 'train.sample_tokens': 0}; "
+            "run = tinylm.train(data=['abc ' * 100, 'cab ' * 100], run_dir='run', overrides=tiny, quiet=True); "
+            "print(light, tinylm.api.__file__, tinylm.load('run').sample('ab', max_new_tokens=3, seed=0), sep='\\n')")
+    api = python("-c", code)
+    assert api.returncode == 0, api.stderr
+    light, module, sample = api.stdout.split("\n")[:3]
+    assert light == "True" and Path(module) == site / "tinylm" / "api.py"
+    assert sample.startswith("ab") and len(sample) >= 5 and (elsewhere / "run" / "checkpoint.pt").is_file()
+
     version = python("-m", "tinylm", "--version")
     assert (version.returncode, version.stdout) == (0, f"tinylm {__version__}\n")
     helped = python("-m", "tinylm", "train", "--help")

@@ -57,7 +57,6 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def cmd_train(argv: list[str]) -> int:
     from tinylm import confdoc
-    from tinylm import config as config_
 
     rest, overrides = split_overrides(argv)
     # The settings (--section.field=VALUE) are taken out of argv above; the epilog documents them and the recipes.
@@ -77,25 +76,12 @@ def cmd_train(argv: list[str]) -> int:
         overrides["data.paths"] = args.data
     if args.init_from:
         overrides["train.init_from"] = args.init_from
-    config_path = args.config
-    run_dir = args.run_dir
-    if args.resume:
-        from tinylm import rundir
-
-        rundir.require_checkpoint(args.resume, " to resume from")  # before its config.yaml is read
-        config_path = config_path or str(Path(args.resume) / rundir.CONFIG)
-        run_dir = args.resume
-    cfg = config_.load(config_path, overrides)
-    name = Path(args.config).stem if args.config else "default"
-    if args.data:
-        from tinylm.sources import HUB, parse_hub
-
-        first = args.data[0]
-        name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)
-
+    from tinylm import rundir
     from tinylm.loop import train
 
-    result = train(cfg, run_dir=run_dir, resume=bool(args.resume), name=name)
+    cfg = rundir.settings(args.config, overrides, resume_dir=args.resume)
+    name = rundir.run_name(args.config, args.data or [])
+    result = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), name=name)
     # Stopped by a signal: the shell's convention, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
     return 128 + result.signal if result.interrupted else 0
 
@@ -114,24 +100,18 @@ def cmd_sample(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    from tinylm.generate import check_options
+
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flag="--")
 
     import torch
 
     from tinylm import rundir
-    from tinylm.generate import generate
+    from tinylm.generate import stream_text
     from tinylm.hardware import pick_device
 
     device = pick_device(args.device)
     _, tok, model, _ = rundir.load(args.run_dir, device)
-    prompt = tok.encode(args.prompt) if args.prompt else []
     gen = torch.Generator(device=device)
     if args.seed is None:
         gen.seed()
@@ -141,12 +121,9 @@ def cmd_sample(argv: list[str]) -> int:
         if i:
             print("\n" + "-" * 40)
         print(args.prompt, end="", flush=True)
-        stream = tok.stream_decoder()
-        for token in generate(model, prompt or [tok.eot_id], args.max_new_tokens, args.temperature,
-                              args.top_k, args.top_p, gen):
-            piece = stream.step(tok.tok, token)
-            if piece:
-                print(piece, end="", flush=True)
+        for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                 args.top_p, gen):
+            print(piece, end="", flush=True)
         print(flush=True)
     return 0
 

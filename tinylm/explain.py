@@ -276,7 +276,8 @@ def section_neighbors(emb: torch.Tensor, tok, words: list[str], example: int, tr
 
 
 def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
-    """The token ids a run trained on: its data cache if still there, else prepared again from its config."""
+    """The token ids a run trained on: its data cache if still there, else prepared again from its config
+    (unless they were texts held in memory: no file keeps those)."""
     from tinylm import rundir
     from tinylm.prepare import prepare
 
@@ -284,6 +285,10 @@ def _train_tokens(run_dir: Path, cfg: Config, tok) -> tuple[np.ndarray, str]:
     cache = Path(info.get("cache", ""))
     if info and (cache / "train.bin").is_file():
         return np.memmap(cache / "train.bin", dtype=np.dtype(info["dtype"]), mode="r"), f"the run's training data ({cache})"
+    if rundir.trained_on_texts(run_dir):
+        raise UserError(f"{run_dir} was trained on texts held in memory and its data cache {cache} is gone, so its "
+                        "training tokens are not available for the lesson's real training step; train it again to "
+                        "explain it")
     prep = prepare(cfg.data, tokenizer=tok)  # the run's own tokenizer (a fine-tuned GPT-2's, say), not a new one
     return prep.train, f"the run's training data ({prep.dir})"
 

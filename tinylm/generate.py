@@ -17,9 +17,11 @@ cache silently becomes sliding-window attention. Recomputing keeps both paths th
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from tinylm.errors import UserError
 from tinylm.model import GPT
 
 
@@ -93,3 +95,29 @@ def generate(
                 logits = run(tokens[start:])
     finally:
         model.train(was_training)
+
+
+def check_options(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                  flag: str = "") -> None:
+    """A UserError for a sampling option out of range, named as the caller spells it (`flag` "--" on the
+    command line, "" in Python)."""
+    if max_new_tokens < 1:
+        raise UserError(f"{flag}max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise UserError(f"{flag}temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"{flag}top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"{flag}top_p must be in (0, 1], got {top_p}")
+
+
+def stream_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+                top_k: int | None = None, top_p: float | None = None,
+                gen: torch.Generator | None = None) -> Iterator[str]:
+    """The text that continues `prompt` (not the prompt itself), in pieces as the tokens are chosen; a
+    piece comes once its bytes form whole characters. With no prompt the text starts a document. The
+    prompt is encoded now, so one the tokenizer cannot read fails before any text is shown."""
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    stream = tokenizer.stream_decoder()
+    tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, gen)
+    return (piece for piece in (stream.step(tokenizer.tok, token) for token in tokens) if piece)

@@ -26,7 +26,7 @@ import math
 import shlex
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,15 +114,16 @@ def finished(state: LoopState, t: TrainConfig) -> bool:
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, console: Console | None = None,
-          name: str = "default") -> TrainResult:
+          name: str = "default", texts: Sequence[str] | None = None) -> TrainResult:
     """Train per cfg into run_dir (a fresh runs/<name> if None); resume=True continues its checkpoint.
-    console: where messages go (default: print, with a progress bar). Started by torchrun, this process
-    is one of several (tinylm/distributed.py); only rank 0 writes files and messages."""
+    console: where messages go (default: print, with a progress bar). texts: strings held in memory, the
+    corpus with cfg.data.paths (the Python API's data=[...]). Started by torchrun, this process is one of
+    several (tinylm/distributed.py); only rank 0 writes files and messages."""
     d = distributed.setup(cfg.train, pick_device(cfg.train.device))
     console = console or Console(bar=True)
     try:
         with contextlib.ExitStack() as held:  # the run directory's lock, for as long as training runs
-            result = _train(cfg, d, run_dir, resume, console if d.main else QUIET, name, held)
+            result = _train(cfg, d, run_dir, resume, console if d.main else QUIET, name, held, texts)
         d.barrier()  # leave together: torchrun stops the other processes as soon as one has ended
         return result
     finally:
@@ -130,10 +131,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False, 
 
 
 def _train(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: bool, console: Console,
-           name: str, held: contextlib.ExitStack) -> TrainResult:
+           name: str, held: contextlib.ExitStack, texts: Sequence[str] | None) -> TrainResult:
     """start() then run_loop(): the model and optimizer live only in this call (FSDP's must be gone
     before the process group closes)."""
-    tr, state = start(cfg, d, run_dir, resume, console, name, held)
+    tr, state = start(cfg, d, run_dir, resume, console, name, held, texts)
     return run_loop(tr, state)
 
 

@@ -7,7 +7,8 @@ continued under a given config.
     runs/<name>/
         config.yaml           the run's settings: readable, editable (train.* may change on resume)
         tokenizer.json        the tokenizer, in Hugging Face `tokenizers`' format
-        data.json             what the data was: sources, token counts, the cache it was prepared in
+        data.json             what the data was: sources, token counts, the cache it was prepared in,
+                              whether it was texts held in memory (which no file keeps)
         checkpoint.pt         weights, optimizer state, step, random states, and the config the weights
                               were trained with (tinylm.checkpoint writes and reads it)
         metrics.json          how far the run got and its last evaluation, rewritten at each evaluation
@@ -26,7 +27,7 @@ import contextlib
 import json
 import os
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 LOCK = ".lock"
 EVENTS = "events.out.tfevents."  # how TensorBoard's SummaryWriter starts the name of each event file
+IN_MEMORY = "texts_in_memory"  # data.json's key: true when the corpus was texts held in memory
 # Settings the weights depend on, with what they are: a run cannot continue, or be sampled, under others.
 FIXED = {"model.": "the architecture", "data.tokenizer": "the tokenizer", "data.vocab_size": "the tokenizer"}
 
@@ -54,6 +56,30 @@ def new_dir(name: str, root: Path = Path("runs")) -> Path:
         n += 1
         candidate = root / f"{name}-{n}"
     return candidate
+
+
+def run_name(config: str | Path | None, data: Sequence[str | Path] = (), texts: bool = False) -> str:
+    """A new run's name: its config's ("default" without one, else the recipe's or file's stem), then its
+    data's first input ("default-book" for book.txt, "default-TinyStories" for hf:roneneldan/TinyStories)
+    or "-texts" for texts held in memory."""
+    name = Path(config).stem if config else "default"
+    if data:
+        from tinylm.sources import HUB, parse_hub
+
+        first = str(data[0])
+        name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)
+    elif texts:
+        name += "-texts"
+    return name
+
+
+def settings(config: str | Path | None, overrides: dict[str, Any], resume_dir: str | Path | None = None) -> Config:
+    """A run's settings: the defaults, then `config` (a recipe's name or a YAML file; when resuming, the
+    run's own config.yaml unless another is named), then `overrides` ({"train.max_steps": 6000, ...})."""
+    if resume_dir is not None:
+        require_checkpoint(resume_dir, " to resume from")  # before its config.yaml is read
+        config = config or Path(resume_dir) / CONFIG
+    return config_.load(config, overrides)
 
 
 def event_files(run_dir: Path) -> list[Path]:
@@ -147,6 +173,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def read_data(run_dir: Path) -> dict[str, Any]:
     """data.json, or {} if it is missing or damaged."""
     return _read_json(Path(run_dir) / DATA) or {}
+
+
+def trained_on_texts(run_dir: Path) -> bool:
+    """True for a run whose corpus was texts held in memory (the Python API's data=[...]): no file holds them."""
+    return bool(read_data(run_dir).get(IN_MEMORY))
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -251,10 +282,14 @@ class Resume:
         raise UserError(f"cannot resume from {self.path}: {what}{f' ({keys})' if keys else ''}; start a new run instead")
 
 
-def resume(run_dir: Path, cfg: Config) -> Resume:
+def resume(run_dir: Path, cfg: Config, texts: bool = False) -> Resume:
     """The checkpoint in run_dir, checked for continuing under cfg (the data is checked later, by
-    `Resume.check_data`, so that a refusal here comes before the data is prepared)."""
+    `Resume.check_data`, so that a refusal here comes before the data is prepared). `texts`: the caller
+    holds texts in memory to train on (a run trained on such texts cannot resume without them)."""
     path = require_checkpoint(run_dir, " to resume from")
+    if trained_on_texts(run_dir) and not texts:
+        raise UserError(f"{run_dir} was trained on texts held in memory, which a run directory does not keep; resume it "
+                        f"in Python with the same texts: tinylm.train(data=texts, run_dir={str(run_dir)!r}, resume=True)")
     state = checkpoint.require(checkpoint.load(path), checkpoint.RESUME_KEYS, path)
     changed = compare(trained_config(state, path), cfg, f"cannot resume from {path}", "start a new run instead")
     return Resume(path, state, changed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,10 @@ def tokens_per_step(cfg: Config) -> int:
 
 
 def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: bool, console: Console,
-          name: str, held: contextlib.ExitStack) -> tuple[Training, LoopState]:
+          name: str, held: contextlib.ExitStack, texts: Sequence[str] | None = None) -> tuple[Training, LoopState]:
     """Set a run up: its directory (locked in `held`), data, model, optimizer and logs, and the state
-    its loop starts from (a resumed run's as its checkpoint left it)."""
+    its loop starts from (a resumed run's as its checkpoint left it). `texts`: strings held in memory
+    that make up the corpus with cfg.data.paths (tinylm.prepare)."""
     t = cfg.train
     dtype = autocast_dtype(t.dtype, d.device)
     if dtype == torch.float16 and d.strategy == "fsdp":  # each process would see only its shard's overflows
@@ -91,11 +93,11 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     seed_everything(t.seed)
     run_dir = Path(run_dir) if run_dir is not None else d.from_main(rundir.new_dir(name) if d.main else None)
     d.on_main(lambda: held.enter_context(rundir.lock(run_dir)))  # one trainer per run directory
-    previous = rundir.resume(run_dir, cfg) if resume else None
+    previous = rundir.resume(run_dir, cfg, texts=texts is not None) if resume else None
     if previous is None:
         rundir.refuse_overwrite(run_dir)
 
-    prep, pretrained = prepare_data(cfg, d, console)
+    prep, pretrained = prepare_data(cfg, d, console, texts)
     data_id = fingerprint(prep)
     if previous is not None:
         previous.check_data(data_id)
@@ -103,7 +105,8 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
             console.say(f"resume: {change}")
         d.on_main(lambda: rundir.remove_stale_temps(run_dir))
     tokenizer_file = prep.dir / "tokenizer.json"  # the data cache's (data.fingerprint hashes the same file)
-    d.on_main(lambda: rundir.write_files(run_dir, cfg, tokenizer_file, {**prep.meta, "cache": str(prep.dir)}))
+    data = {**prep.meta, "cache": str(prep.dir), rundir.IN_MEMORY: texts is not None}
+    d.on_main(lambda: rundir.write_files(run_dir, cfg, tokenizer_file, data))
 
     vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     model, table, summary = build_model(cfg, d, vocab_size, pretrained if previous is None else None, console)
@@ -152,16 +155,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def prepare_data(cfg: Config, d: distributed.Dist, console: Console) -> tuple[Prepared, Any]:
-    """The prepared data (and the pretrained model it is tokenized for, with train.init_from, else None);
-    the model's shape then is the pretrained one's (cfg.model is replaced)."""
+def prepare_data(cfg: Config, d: distributed.Dist, console: Console,
+                 texts: Sequence[str] | None = None) -> tuple[Prepared, Any]:
+    """The prepared data of cfg.data and `texts` (and the pretrained model it is tokenized for, with
+    train.init_from, else None); the model's shape then is the pretrained one's (cfg.model is replaced)."""
     pretrained = None
     if cfg.train.init_from:  # fine-tuning: the shape, weights and tokenizer come from a GPT-2 or Llama folder
         from tinylm.hf import read_pretrained
 
         pretrained = read_pretrained(cfg.train.init_from)
         cfg.model = pretrained.fit(cfg.model)
-    prep = d.first_on_each_node(lambda: prepare(cfg.data, tokenizer=pretrained.tokenizer if pretrained else None))
+    tokenizer = pretrained.tokenizer if pretrained else None
+    prep = d.first_on_each_node(lambda: prepare(cfg.data, tokenizer=tokenizer, texts=texts))
     meta = prep.meta
     if prep.note:
         console.say(f"data: {prep.note}")
