@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, tblog
+from tinylm import checkpoint, distributed, guard, probe, rundir, tblog
 from tinylm.config import Config, TrainConfig
 from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
@@ -309,6 +309,8 @@ def evaluate_run(tr: Training, state: LoopState) -> None:
         tr.writer.add_scalar(tag, value, state.step)
     if tr.inspect:
         tblog.log_histograms(tr.writer, learner.model, state.step)
+    if tr.probe is not None:  # what the model predicts and where it looks, on one fixed text
+        probe.log_probe(tr.writer, learner.model, tr.probe, tr.prep.tokenizer, state.step)
     line = f"step {state.step}: val loss {val:.4f} (ppl {ppl:.2f}, {bpb:.3f} bits/byte), train loss {train_loss:.4f}"
     if t.sample_tokens:
         text = sample_text(learner.model, tr.prep, t.sample_tokens, t.seed)
@@ -371,5 +373,6 @@ def checkpoint_contents(tr: Training, state: LoopState, weights: dict, moments: 
         "vocab_size": tr.vocab_size,
         "data": tr.data_id,
         "environment": environment(),
+        "probe": tr.probe.text if tr.probe is not None else "",  # what `tinylm explain --compare` reads
         **({"scaler": tr.learner.scaler.state_dict()} if tr.learner.scaler is not None else {}),  # float16's loss scale
     }

@@ -26,6 +26,7 @@ from tinylm.hardware import CompileTimer, autocast_dtype, compile_choice, enviro
 from tinylm.model import GPT
 from tinylm.optim import describe_optimizer, make_optimizer
 from tinylm.prepare import Prepared, fingerprint, prepare
+from tinylm.probe import Probe, make_probe
 from tinylm.step import Learner, make_learner
 
 
@@ -66,6 +67,7 @@ class Training:
     peak: speed.Peak | None  # the device's peak FLOP/s in the run's precision, None where not known
     compile_timer: CompileTimer | None = None  # times a compiled run's first steps (its compile time)
     poisoned: dict[int, str] = field(default_factory=dict)  # steps a test makes fail: {step: "nan" or "overflow"}
+    probe: Probe | None = None  # read at every evaluation (tinylm/probe.py); None: train.probe=none, or not rank 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -137,6 +139,7 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     if peak is not None:  # MFU's denominator, beside it (speed/mfu_percent)
         writer.add_scalar("speed/peak_tflops", peak.flops / 1e12, state.step)
     inspect = d.main and d.strategy != "fsdp"  # FSDP: each process holds a shard of each tensor
+    probe = make_probe(t.probe, prep.tokenizer, prep.val, cfg.model.block_size) if inspect else None
     if inspect:
         tblog.watch_updates(optimizer, model, writer, lambda: state.step + 1, t.log_interval)  # update/weight ratios
     saver = checkpoint.Saver(run_dir / rundir.CHECKPOINT, state.step if previous is not None else None, console.say)
@@ -145,7 +148,7 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     faults = {**dict.fromkeys(guard.injected_steps("TINYLM_TEST_NAN_STEPS"), "nan"),
               **dict.fromkeys(guard.injected_steps("TINYLM_TEST_OVERFLOW_STEPS"), "overflow")}
     training = Training(cfg, d, run_dir, console, prep, vocab_size, data_id, learner, summary, saver, writer,
-                        blowup, inspect, flops, peak, timer, faults)
+                        blowup, inspect, flops, peak, timer, faults, probe)
     return training, state
 
 
