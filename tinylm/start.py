@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, speed, tblog
+from tinylm import checkpoint, distributed, guard, rundir, speed, tblog, track
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
 from tinylm.config import Config
@@ -142,6 +142,10 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     probe = make_probe(t.probe, prep.tokenizer, prep.val, cfg.model.block_size) if inspect else None
     if inspect:
         tblog.watch_updates(optimizer, model, writer, lambda: state.step + 1, t.log_interval)  # update/weight ratios
+        tracked, note = track.choose(t.track, model, t.seed)
+        if tracked:  # a few single numbers, their gradients and moments (track/)
+            console.say(note or track.describe(tracked))
+            track.watch(optimizer, model, writer, tracked, lambda: state.step + 1, t.log_interval)
     saver = checkpoint.Saver(run_dir / rundir.CHECKPOINT, state.step if previous is not None else None, console.say)
     blowup = guard.BlowUpGuard(t.max_bad_steps, d.device, optimizer, console.say, learner.scaler)
     timer = CompileTimer(cfg.model, dtype, d.device, keep=d.main) if compiled else None
