@@ -73,6 +73,15 @@ def test_a_bad_probe_is_one_line_and_none_turns_it_off(trained_run):
         == "A long enough line here."
 
 
+def test_the_default_probe_skips_the_end_of_text_token_and_a_char_tokenizer_reads_it():
+    tok = train_char(["A first line that is long, of a doc.\nThe second line.\n"])
+    val = [*tok.encode("end of a doc"), tok.eot_id, *tok.encode("A first line that is long.\nThe second line.")]
+    probe = make_probe("", tok, np.asarray(val), block_size=64)
+    assert probe.text == "A first line that is long."[:32] and tok.eot_id not in probe.ids
+    with pytest.raises(UserError, match="train.probe: the character tokenizer never saw 'z'"):
+        make_probe("zzz", tok, np.asarray(val), 64)
+
+
 def test_shown_positions_and_attention_selection():
     assert shown_positions(32) == [0, 10, 20, 30]
     assert shown_positions(3) == [0, 1]

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from tinylm import checkpoint, distributed, guard, probe, rundir, tblog
+from tinylm import checkpoint, distributed, guard, probe, rundir, snapshots, tblog
 from tinylm.config import Config, TrainConfig
 from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
@@ -354,7 +354,14 @@ def save(tr: Training, state: LoopState, final: bool) -> None:
     if not tr.d.all_true(guard.params_finite(model)):  # never replace a good checkpoint with broken weights
         raise guard.Diverged(f"training diverged: the weights hold inf or NaN at step {state.step}")
     weights, moments = tr.d.full_state(model, optimizer)
-    saved = tr.d.on_main(lambda: tr.saver.save(checkpoint_contents(tr, state, weights, moments), final))
+
+    def write() -> bool:  # and, at an evaluation, keep it as a snapshot (tinylm/snapshots.py)
+        saved = tr.saver.save(checkpoint_contents(tr, state, weights, moments), final)
+        if saved:
+            snapshots.after_save(tr.dir, state.step, state.evaluation, tr.cfg.train.keep_snapshots, tr.console.say)
+        return saved
+
+    saved = tr.d.on_main(write)
     tr.saver.step = state.step if saved else tr.saver.step  # other processes learn what rank 0 wrote
 
 

@@ -57,9 +57,21 @@ class Reading:
 def default_text(tokenizer, val_ids: np.ndarray) -> str:
     """The first whole line of 20 characters or more at the start of the validation split (the split
     starts where a document's held-out part does, possibly mid-line, so its first line is skipped)."""
-    text = tokenizer.decode(int(i) for i in val_ids[:SEARCHED_TOKENS])
+    ids = [int(i) for i in val_ids[:SEARCHED_TOKENS]]
+    # Documents end with the end-of-text token, whose text is no line of the corpus: a line break instead.
+    text = "\n".join(tokenizer.decode(piece) for piece in split_at(ids, tokenizer.eot_id))
     lines = [line.strip() for line in text.splitlines()]
     return next((line for line in lines[1:] if len(line) >= 20), text.strip() or text)
+
+
+def split_at(ids: list[int], separator: int) -> list[list[int]]:
+    pieces: list[list[int]] = [[]]
+    for i in ids:
+        if i == separator:
+            pieces.append([])
+        else:
+            pieces[-1].append(i)
+    return pieces
 
 
 def make_probe(setting: str, tokenizer, val_ids: np.ndarray, block_size: int) -> Probe | None:
@@ -67,7 +79,10 @@ def make_probe(setting: str, tokenizer, val_ids: np.ndarray, block_size: int) ->
     if setting.strip().lower() == "none":
         return None
     text = setting or default_text(tokenizer, val_ids)
-    ids = tokenizer.encode(text)[: min(PROBE_TOKENS, block_size)]
+    try:
+        ids = tokenizer.encode(text)[: min(PROBE_TOKENS, block_size)]
+    except UserError as e:
+        raise UserError(f"train.probe: {e}") from None
     if len(ids) < 2:
         raise UserError(f"train.probe must be at least 2 tokens long to have a next token to predict, got {text!r}")
     labels = [repr(tokenizer.decode([i])) for i in ids]
