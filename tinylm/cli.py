@@ -10,6 +10,7 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
     tinylm export RUN_DIR OUT_DIR [--force]          a Hugging Face transformers folder
     tinylm download NAME [--dir DIR] [--mirror URL]  a classic corpus into data/ (--list shows them)
     tinylm explain [RUN_DIR] [--neighbors TOKEN ...] the one-neuron lesson, then the model's weights and biases
+    tinylm explain RUN_DIR --compare A B             what training changed between the snapshots of steps A and B
     tinylm --version
 """
 
@@ -165,12 +166,21 @@ def cmd_explain(argv: list[str]) -> int:
     p.add_argument("run_dir", nargs="?", help="a trained run (default: the default recipe's model, untrained)")
     p.add_argument("--neighbors", nargs="+", metavar="TOKEN", default=[],
                    help="show the tokens whose embeddings are nearest to these (needs RUN_DIR)")
+    p.add_argument("--compare", nargs=2, type=int, metavar=("A", "B"),
+                   help="what training changed between two kept snapshots of RUN_DIR (the steps of evaluations)")
     args = p.parse_args(argv)
+    if args.compare and not args.run_dir:
+        raise UserError("--compare needs a trained run: tinylm explain RUN_DIR --compare A B")
     if args.neighbors and not args.run_dir:
         raise UserError("--neighbors needs a trained run: tinylm explain RUN_DIR --neighbors WORD ...")
     if args.run_dir and not Path(args.run_dir).is_dir():
         raise UserError(f"run directory not found: {args.run_dir}")
 
+    if args.compare:
+        from tinylm.compare import compare
+
+        compare(args.run_dir, *args.compare)
+        return 0
     from tinylm.explain import explain
 
     explain(args.run_dir, args.neighbors)
