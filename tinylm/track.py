@@ -92,6 +92,13 @@ def watch(optimizer: torch.optim.Optimizer, model: torch.nn.Module, writer, trac
           next_step: Callable[[], int], every: int):
     """Log the tracked numbers on the optimizer steps numbered next_step() that are multiples of `every`
     (the only cost on other steps is one modulo). Returns the hook handles (`.remove()` to stop)."""
+    pre, post = hooks(model, writer, tracked, next_step, every)
+    return optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)
+
+
+def hooks(model: torch.nn.Module, writer, tracked: list[Tracked], next_step: Callable[[], int], every: int):
+    """`watch`'s optimizer hooks (pre, post): before the step the gradients and values, after it the
+    values and the moments, written together (benchmarks/watching.py times them)."""
     params = dict(model.named_parameters())
     before: list[torch.Tensor] = []
 
@@ -121,7 +128,7 @@ def watch(optimizer: torch.optim.Optimizer, model: torch.nn.Module, writer, trac
         for tag, v in zip(names, torch.stack(values).tolist()):  # one host sync
             writer.add_scalar(tag, v, step)
 
-    return optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)
+    return pre, post
 
 
 def describe(tracked: list[Tracked]) -> str:
