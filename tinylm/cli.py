@@ -126,7 +126,7 @@ def cmd_sample(argv: list[str]) -> int:
         from tinylm.sampling import interactive
 
         interactive(model, tok, sys.stdin, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                    device)
+                    device, probs=args.show_probs)
         return 0
     for i in range(args.num_samples):
         if i:

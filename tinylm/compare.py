@@ -39,7 +39,7 @@ class Moved:
         return self.change / self.before if self.before else (0.0 if not self.change else float("inf"))
 
 
-def load_snapshot(run_dir: Path, step: int, cfg, vocab_size: int | None = None):
+def load_snapshot(run_dir: Path, step: int, cfg):
     """(model, checkpoint state) of the snapshot of `step`; one line naming the kept steps if there is none."""
     from tinylm.model import GPT
 

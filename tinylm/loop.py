@@ -297,7 +297,8 @@ def result(tr: Training, state: LoopState, signum: int = 0) -> TrainResult:
 
 def evaluate_run(tr: Training, state: LoopState) -> None:
     """Validation and training loss on their fixed windows, logged to TensorBoard and the console (with a
-    sample of text) and kept in state.evaluation (for metrics.json: record_metrics)."""
+    sample of text) and kept in state.evaluation (for metrics.json: record_metrics); what the model makes
+    of the probe (tinylm/probe.py) to TensorBoard."""
     t, block, learner = tr.cfg.train, tr.cfg.model.block_size, tr.learner
     val = evaluate(learner.core, tr.prep.val, t, block, learner.device, learner.dtype, t.seed + 1, tr.d)
     train_loss = evaluate(learner.core, tr.prep.train, t, block, learner.device, learner.dtype, t.seed + 2, tr.d)

@@ -79,8 +79,9 @@ def show_probs(model, tok, prompt: str, max_new_tokens: int, temperature: float,
 
 
 def interactive(model, tok, lines: Iterable[str], max_new_tokens: int, temperature: float, top_k: int | None,
-                top_p: float | None, seed: int | None, device, out: TextIO = sys.stdout) -> None:
-    """For each line, stream its continuation to `out` (the model stays loaded between lines)."""
+                top_p: float | None, seed: int | None, device, out: TextIO = sys.stdout, probs: bool = False) -> None:
+    """For each line, stream its continuation to `out` (the model stays loaded between lines); with
+    `probs`, each token's line as --show_probs prints it."""
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
@@ -88,6 +89,9 @@ def interactive(model, tok, lines: Iterable[str], max_new_tokens: int, temperatu
     for line in prompts(lines, ask, out):
         if seed is not None:
             gen.manual_seed(seed)
+        if probs:
+            show_probs(model, tok, line, max_new_tokens, temperature, top_k, top_p, gen, out)
+            continue
         print(line, end="", file=out, flush=True)
         for piece in stream_text(model, tok, line, max_new_tokens, temperature, top_k, top_p, gen):
             print(piece, end="", file=out, flush=True)
