@@ -69,6 +69,7 @@ def test_a_bad_probe_is_one_line_and_none_turns_it_off(trained_run):
     assert make_probe("none", run.tokenizer, np.zeros(1, dtype=np.int64), 32) is None
     with pytest.raises(UserError, match="at least 2 tokens"):
         make_probe("The", run.tokenizer, np.zeros(1, dtype=np.int64), 32)
+    assert make_probe("", run.tokenizer, np.asarray(run.tokenizer.encode("x\nThe cat sat on the mat.\n")), 1) is None
     assert default_text(run.tokenizer, np.asarray(run.tokenizer.encode("partial line\nshort\nA long enough line here.\n"))) \
         == "A long enough line here."
 

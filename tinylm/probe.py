@@ -83,6 +83,8 @@ def make_probe(setting: str, tokenizer, val_ids: np.ndarray, block_size: int) ->
         ids = tokenizer.encode(text)[: min(PROBE_TOKENS, block_size)]
     except UserError as e:
         raise UserError(f"train.probe: {e}") from None
+    if len(ids) < 2 and not setting:  # a context of one token: nothing to probe
+        return None
     if len(ids) < 2:
         raise UserError(f"train.probe must be at least 2 tokens long to have a next token to predict, got {text!r}")
     labels = [repr(tokenizer.decode([i])) for i in ids]
