@@ -14,6 +14,13 @@ run's curves and histograms, then saves one headless Chromium screenshot per vie
     docs/screenshots/histograms.png       weights and biases of the first block, one histogram per tensor
     docs/screenshots/update_ratio.png     the update-to-weight ratio of each kind of parameter
     docs/screenshots/projector.png        the token embeddings in the embedding projector (PCA, 3-D)
+    docs/screenshots/custom_scalars.png   the Custom Scalars tab: train and val loss on one chart (tblog.LAYOUT)
+    docs/screenshots/probe_loss.png       the loss on each token of the probe (tinylm/probe.py)
+    docs/screenshots/probe_text.png       the probe's next-token candidates at a few positions
+    docs/screenshots/attention.png        the attention map of every head over the probe
+    docs/screenshots/track.png            the tracked numbers, their gradients and moments (tinylm/track.py)
+
+`--only attention.png track.png` takes only those pictures.
 
 Everything it starts (training, TensorBoard, Chromium) is stopped before it exits. Look at the pictures
 before committing them: a page can be caught while it is still drawing (the projector greys out while
@@ -42,6 +49,11 @@ SHOTS = [
     ("histograms.png", "histograms&tagFilter=blocks%5C.0%5C.(attn%7Cmlp)", (1400, 1350), []),
     ("update_ratio.png", "scalars&tagFilter=update_ratio", (1400, 900), []),
     ("projector.png", "projector", (1400, 900), ["--enable-unsafe-swiftshader"]),
+    ("custom_scalars.png", "custom_scalars", (1400, 1000), []),
+    ("probe_loss.png", "scalars&tagFilter=probe", (1400, 1000), []),
+    ("probe_text.png", "text&tagFilter=probe", (1400, 1000), []),
+    ("attention.png", "images&tagFilter=attention", (1400, 1350), []),
+    ("track.png", "scalars&tagFilter=track", (1400, 1000), []),
 ]
 BROWSER_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -107,6 +119,7 @@ def main() -> None:
     p.add_argument("--data", help="text file for the short run (default: the built-in corpus)")
     p.add_argument("--max_time", type=float, default=300, help="seconds the short run trains")
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshots"), help="where the PNG files go")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="take only these pictures (file names above)")
     p.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"),
                    help="a Chromium or Chrome binary")
     args = p.parse_args()
@@ -126,6 +139,8 @@ def main() -> None:
         try:
             wait_until_served(base, run.name, server)
             for name, view, size, extra in SHOTS:
+                if args.only and name not in args.only:
+                    continue
                 screenshot(args.browser, f"{base}/#{view}", out / name, size, extra)
         finally:
             server.terminate()

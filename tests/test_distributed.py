@@ -114,7 +114,8 @@ def test_two_processes_write_one_run(runs):
     projector = ["projector_config.pbtxt", f"{STEPS:05d}"]
     assert all(name in files for name in projector)
     assert [f for f in files if not f.startswith("events.") and f not in projector] == [
-        ".lock", "checkpoint.pt", "config.yaml", "data.json", "metrics.json", "tokenizer.json"]
+        ".lock", "checkpoint.pt", "config.yaml", "data.json", "metrics.json", "snapshots", "tokenizer.json"]
+    assert rundir.snapshot_steps(work / "two") == [4, 8]  # rank 0 keeps the checkpoint of each evaluation
     assert len([f for f in files if f.startswith("events.")]) == 1  # one TensorBoard writer
     assert [s for s, _ in scalars(work / "two", "train/loss")] == list(range(1, STEPS + 1))
     assert "Traceback" not in proc.stderr

@@ -110,6 +110,16 @@ def assert_same_run(run_dir: Path, reference: dict) -> None:
     assert curve == reference["losses"]  # every step once, each loss bit-identical
 
 
+def assert_snapshots_whole(run_dir: Path, keep: int = 3) -> list[int]:
+    """Every kept snapshot (train.keep_snapshots, default 3, plus the best) loads as the checkpoint of its
+    step; no temporary file is left beside them. Returns their steps."""
+    steps = rundir.snapshot_steps(run_dir)
+    assert 1 <= len(steps) <= keep + 1 and not list((run_dir / rundir.SNAPSHOTS).glob(".*"))
+    for step in steps:
+        assert checkpoint.load(rundir.snapshot_path(run_dir, step))["step"] == step  # whole: CRC-checked
+    return steps
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("faults")
@@ -175,6 +185,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_run(workdir, refer
     assert proc.finish() == 0, proc.stderr
     assert not list(run.glob(".*.tmp"))
     assert_same_run(run, reference)
+    assert assert_snapshots_whole(run)[-1] == STEPS
 
 
 def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(workdir, reference):
@@ -193,11 +204,13 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(workdir, refer
     assert tmp.exists() and checkpoint_step(run) == EVERY
     proc.kill()  # the OS drops a killed process's lock: the resume below takes it
     assert checkpoint_step(run) == EVERY  # the previous checkpoint, whole
+    assert assert_snapshots_whole(run) == [EVERY]  # and the snapshot of its evaluation
     proc = resume("midsave", workdir)
     assert proc.finish() == 0, proc.stderr
     assert f"resumed midsave at step {EVERY}" in proc.stdout
     assert not tmp.exists()  # the killed write's leftover is cleaned up
     assert_same_run(run, reference)
+    assert assert_snapshots_whole(run)[-3:] == [STEPS - 2 * EVERY, STEPS - EVERY, STEPS]  # bounded: the newest 3 (+ best)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])

@@ -17,7 +17,6 @@ from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
 from tinylm.loop import train
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: faster on one thread (conftest.py)
 
 

@@ -1,5 +1,6 @@
 """What training writes to TensorBoard about weights, biases and embeddings, read back with TensorBoard's own readers."""
 
+import re
 import threading
 from pathlib import Path
 
@@ -109,3 +110,18 @@ def test_only_the_event_writer_threads_write_errors_are_kept_quiet(tmp_path, mon
         assert seen == passed_on
     finally:
         writer.close()
+
+
+def test_the_custom_scalars_layout_puts_train_and_val_loss_on_one_chart_first(trained_run):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = EventAccumulator(trained_run["run_dir"], size_guidance={"tensors": 0}).Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    first = layout.category[0].chart[0]
+    assert layout.category[0].title == "loss" and first.title == "training and validation loss"
+    assert list(first.multiline.tag) == ["train/loss", "val/loss"]
+    scalars = acc.Tags()["scalars"]
+    assert {"train/loss", "val/loss"} <= set(scalars)  # the tags the chart draws exist
+    for chart in (c for category in layout.category for c in category.chart):
+        assert any(re.fullmatch(tag, s) for tag in chart.multiline.tag for s in scalars), chart.title

@@ -6,10 +6,11 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
     tinylm train [--config NAME_OR_FILE] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--init_from HF_DIR]
                  [--section.field=VALUE ...]       (tinylm train --help lists every setting and recipe)
     tinylm sample RUN_DIR [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
-                  [--seed S] [--num_samples N]
+                  [--seed S] [--num_samples N] [--show_probs] [-i]
     tinylm export RUN_DIR OUT_DIR [--force]          a Hugging Face transformers folder
     tinylm download NAME [--dir DIR] [--mirror URL]  a classic corpus into data/ (--list shows them)
     tinylm explain [RUN_DIR] [--neighbors TOKEN ...] the one-neuron lesson, then the model's weights and biases
+    tinylm explain RUN_DIR --compare A B             what training changed between the snapshots of steps A and B
     tinylm --version
 """
 
@@ -97,6 +98,10 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=None, help="fix the random choices (same seed, same text)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--show_probs", action="store_true",
+                   help="each token with the probability it was drawn with and its top alternatives")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="keep the model loaded and continue each line typed (or read from stdin)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
@@ -117,9 +122,20 @@ def cmd_sample(argv: list[str]) -> int:
         gen.seed()
     else:
         gen.manual_seed(args.seed)
+    if args.interactive:
+        from tinylm.sampling import interactive
+
+        interactive(model, tok, sys.stdin, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                    device, probs=args.show_probs)
+        return 0
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
+        if args.show_probs:
+            from tinylm.sampling import show_probs
+
+            show_probs(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+            continue
         print(args.prompt, end="", flush=True)
         for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                  args.top_p, gen):
@@ -165,12 +181,21 @@ def cmd_explain(argv: list[str]) -> int:
     p.add_argument("run_dir", nargs="?", help="a trained run (default: the default recipe's model, untrained)")
     p.add_argument("--neighbors", nargs="+", metavar="TOKEN", default=[],
                    help="show the tokens whose embeddings are nearest to these (needs RUN_DIR)")
+    p.add_argument("--compare", nargs=2, type=int, metavar=("A", "B"),
+                   help="what training changed between two kept snapshots of RUN_DIR (the steps of evaluations)")
     args = p.parse_args(argv)
+    if args.compare and not args.run_dir:
+        raise UserError("--compare needs a trained run: tinylm explain RUN_DIR --compare A B")
     if args.neighbors and not args.run_dir:
         raise UserError("--neighbors needs a trained run: tinylm explain RUN_DIR --neighbors WORD ...")
     if args.run_dir and not Path(args.run_dir).is_dir():
         raise UserError(f"run directory not found: {args.run_dir}")
 
+    if args.compare:
+        from tinylm.compare import compare
+
+        compare(args.run_dir, *args.compare)
+        return 0
     from tinylm.explain import explain
 
     explain(args.run_dir, args.neighbors)

@@ -159,6 +159,15 @@ class TrainConfig:
                                    "(sharded)", ("ddp", "fsdp"))
     init_from: str = setting("", "a GPT-2 or Llama-family folder (transformers' save_pretrained, tinylm export's "
                                  "among them) to fine-tune: its weights, shape and tokenizer")
+    probe: str = setting("", "a text the model reads at every evaluation: its next-token candidates, loss per token "
+                             "and attention maps go to TensorBoard (probe/); empty = a fixed line of the validation "
+                             "split, none = no probe")
+    track: str = setting("", "scalar parameters followed every log_interval steps with their gradient and optimizer "
+                             "moments (track/), as NAME[I,J] separated by commas, e.g. blocks.0.mlp.fc.weight[3,5]; "
+                             "empty = one weight w[i,j] of the first MLP with its neuron's bias b[i] or, without biases, "
+                             "the norm gain its input j passes through; none = nothing")
+    keep_snapshots: int = setting(3, "the checkpoints of this many latest evaluations are kept in snapshots/, with "
+                                     "the best one (tinylm explain RUN --compare A B), 0 = none")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -296,7 +305,7 @@ def validate(cfg: Config) -> Config:
         positive(f"train.{key}", getattr(t, key))
     positive("train.lr", t.lr)
     for key in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "max_time", "sample_tokens", "evals",
-                "save_interval"):
+                "save_interval", "keep_snapshots"):
         non_negative(f"train.{key}", getattr(t, key))
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")

@@ -40,16 +40,38 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator | None) -> int:
-    """One token id from the last position's logits; temperature 0 means always the most likely."""
+def distribution(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The probabilities the next token is drawn with: softmax(logits / temperature), zero outside top_k
+    and top_p. At temperature 0 (always the most likely token) the model's own softmax, for showing."""
+    if temperature == 0:
+        return logits.float().softmax(dim=-1)
+    return filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator | None,
+         probs: torch.Tensor | None = None) -> int:
+    """One token id from the last position's logits (or their `distribution`, probs, if already computed);
+    temperature 0 means always the most likely."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    probs = distribution(logits, temperature, top_k, top_p) if probs is None else probs
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, gen: torch.Generator | None = None, use_cache: bool = True,
+             stop_id: int | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids continuing `prompt` (which must not be empty)."""
+    steps = generate_steps(model, prompt, max_new_tokens, temperature, top_k, top_p, gen, use_cache, stop_id)
+    try:
+        for token, _ in steps:
+            yield token
+    finally:
+        steps.close()  # puts the model back in its mode now, not when collected
+
+
 @torch.no_grad()  # not inference_mode: FSDP2 in older torch fails to unshard under it
-def generate(
+def generate_steps(
     model: GPT,
     prompt: list[int],
     max_new_tokens: int,
@@ -59,8 +81,8 @@ def generate(
     gen: torch.Generator | None = None,
     use_cache: bool = True,
     stop_id: int | None = None,
-) -> Iterator[int]:
-    """Yield up to `max_new_tokens` ids continuing `prompt` (which must not be empty)."""
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """`generate`'s tokens, each with the `distribution` it was drawn from (V probabilities)."""
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     was_training = model.training
@@ -79,8 +101,9 @@ def generate(
     try:
         logits = run(tokens[start:])
         for _ in range(max_new_tokens):
-            nxt = pick(logits, temperature, top_k, top_p, gen)
-            yield nxt
+            probs = distribution(logits, temperature, top_k, top_p)
+            nxt = pick(logits, temperature, top_k, top_p, gen, probs)
+            yield nxt, probs
             if nxt == stop_id:
                 return
             tokens.append(nxt)

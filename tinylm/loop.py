@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, tblog
+from tinylm import checkpoint, distributed, guard, probe, rundir, snapshots, tblog
 from tinylm.config import Config, TrainConfig
 from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
@@ -297,7 +297,8 @@ def result(tr: Training, state: LoopState, signum: int = 0) -> TrainResult:
 
 def evaluate_run(tr: Training, state: LoopState) -> None:
     """Validation and training loss on their fixed windows, logged to TensorBoard and the console (with a
-    sample of text) and kept in state.evaluation (for metrics.json: record_metrics)."""
+    sample of text) and kept in state.evaluation (for metrics.json: record_metrics); what the model makes
+    of the probe (tinylm/probe.py) to TensorBoard."""
     t, block, learner = tr.cfg.train, tr.cfg.model.block_size, tr.learner
     val = evaluate(learner.core, tr.prep.val, t, block, learner.device, learner.dtype, t.seed + 1, tr.d)
     train_loss = evaluate(learner.core, tr.prep.train, t, block, learner.device, learner.dtype, t.seed + 2, tr.d)
@@ -309,6 +310,8 @@ def evaluate_run(tr: Training, state: LoopState) -> None:
         tr.writer.add_scalar(tag, value, state.step)
     if tr.inspect:
         tblog.log_histograms(tr.writer, learner.model, state.step)
+    if tr.probe is not None:  # what the model predicts and where it looks, on one fixed text
+        probe.log_probe(tr.writer, learner.model, tr.probe, tr.prep.tokenizer, state.step)
     line = f"step {state.step}: val loss {val:.4f} (ppl {ppl:.2f}, {bpb:.3f} bits/byte), train loss {train_loss:.4f}"
     if t.sample_tokens:
         text = sample_text(learner.model, tr.prep, t.sample_tokens, t.seed)
@@ -352,7 +355,14 @@ def save(tr: Training, state: LoopState, final: bool) -> None:
     if not tr.d.all_true(guard.params_finite(model)):  # never replace a good checkpoint with broken weights
         raise guard.Diverged(f"training diverged: the weights hold inf or NaN at step {state.step}")
     weights, moments = tr.d.full_state(model, optimizer)
-    saved = tr.d.on_main(lambda: tr.saver.save(checkpoint_contents(tr, state, weights, moments), final))
+
+    def write() -> bool:  # and, at an evaluation, keep it as a snapshot (tinylm/snapshots.py)
+        saved = tr.saver.save(checkpoint_contents(tr, state, weights, moments), final)
+        if saved:
+            snapshots.after_save(tr.dir, state.step, state.evaluation, tr.cfg.train.keep_snapshots, tr.console.say)
+        return saved
+
+    saved = tr.d.on_main(write)
     tr.saver.step = state.step if saved else tr.saver.step  # other processes learn what rank 0 wrote
 
 
@@ -371,5 +381,6 @@ def checkpoint_contents(tr: Training, state: LoopState, weights: dict, moments: 
         "vocab_size": tr.vocab_size,
         "data": tr.data_id,
         "environment": environment(),
+        "probe": tr.probe.text if tr.probe is not None else "",  # what `tinylm explain --compare` reads
         **({"scaler": tr.learner.scaler.state_dict()} if tr.learner.scaler is not None else {}),  # float16's loss scale
     }

@@ -254,22 +254,12 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given."""
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
-        x = self.tok_emb(idx)  # (B, T, C)
-        rope = None
-        if self.cfg.pos == "learned":
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        else:
-            # (T, hs) each: one angle per position and channel, the same for queries, keys and heads
-            rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x, rope = self.embed(idx, cache.length if cache is not None else 0)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.size(1)
         logits = self.head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -277,8 +267,41 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def embed(self, idx: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token vectors (B, T, C) of idx at positions start.., and RoPE's (cos, sin) tables for them (None
+        with learned positions, which are added to the vectors instead)."""
+        T = idx.size(1)
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.cfg.pos == "learned":
+            return x + self.pos_emb(torch.arange(start, start + T, device=idx.device)), None
+        # (T, hs) each: one angle per position and channel, the same for queries, keys and heads
+        return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+
     def new_cache(self, batch: int = 1) -> KVCache:
         p = self.head.weight
         c = self.cfg
         return KVCache(c.n_layer, batch, c.kv_heads, c.block_size, c.head_size, p.device, p.dtype)
 
+
+
+@torch.no_grad()
+def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention probabilities for idx (B, T), each (B, n_head, T, T): row t is how much
+    token t reads each earlier token, softmax(q k^T / sqrt(hs)) under the causal mask.
+
+    F.scaled_dot_product_attention never returns these weights, so they are recomputed here from the
+    queries and keys each block projects (normed and rotated as attention uses them; a shared key head
+    of grouped-query attention serves each of its query heads), in float32, while the blocks run."""
+    x, rope = model.embed(idx)
+    T = idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    maps = []
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        q, k, _ = attn.project(block.norm1(x), rope)
+        scores = q.float() @ expand_kv(k, attn.n_head).float().mT / math.sqrt(attn.head_size)
+        maps.append(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1))
+        x = block(x, rope, None, i)
+    return maps

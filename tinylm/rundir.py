@@ -12,6 +12,9 @@ continued under a given config.
         checkpoint.pt         weights, optimizer state, step, random states, and the config the weights
                               were trained with (tinylm.checkpoint writes and reads it)
         metrics.json          how far the run got and its last evaluation, rewritten at each evaluation
+        snapshots/            the checkpoints of the latest evaluations and the best one, kept (tinylm.snapshots):
+            step-000120.pt    each a checkpoint as checkpoint.pt was at that step
+            index.json        the validation loss of each
         .lock                 held by the process training here
         events.out.tfevents.* TensorBoard's log (tinylm.tblog)
 
@@ -43,6 +46,8 @@ DATA = "data.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 LOCK = ".lock"
+SNAPSHOTS = "snapshots"
+SNAPSHOT_INDEX = "index.json"
 EVENTS = "events.out.tfevents."  # how TensorBoard's SummaryWriter starts the name of each event file
 IN_MEMORY = "texts_in_memory"  # data.json's key: true when the corpus was texts held in memory
 # Settings the weights depend on, with what they are: a run cannot continue, or be sampled, under others.
@@ -84,6 +89,17 @@ def settings(config: str | Path | None, overrides: dict[str, Any], resume_dir: s
 
 def event_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(EVENTS + "*"))
+
+
+def snapshot_path(run_dir: str | Path, step: int) -> Path:
+    """The kept checkpoint of a run's evaluation at `step` (tinylm.snapshots)."""
+    return Path(run_dir) / SNAPSHOTS / f"step-{step:06d}.pt"
+
+
+def snapshot_steps(run_dir: str | Path) -> list[int]:
+    """The steps whose checkpoints are kept in run_dir/snapshots, oldest first."""
+    names = (p.name for p in (Path(run_dir) / SNAPSHOTS).glob("step-*.pt"))
+    return sorted(int(n[5:-3]) for n in names if n[5:-3].isdigit())
 
 
 # ---------------------------------------------------------------- writing
@@ -155,7 +171,7 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 def remove_stale_temps(run_dir: Path) -> None:
     """Delete temporary files a killed process left behind (its checkpoint on disk is the old one)."""
-    for tmp in run_dir.glob(".*.tmp"):
+    for tmp in [*run_dir.glob(".*.tmp"), *(run_dir / SNAPSHOTS).glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
 
 

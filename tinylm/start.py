@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, speed, tblog
+from tinylm import checkpoint, distributed, guard, rundir, speed, tblog, track
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
 from tinylm.config import Config
@@ -26,6 +26,7 @@ from tinylm.hardware import CompileTimer, autocast_dtype, compile_choice, enviro
 from tinylm.model import GPT
 from tinylm.optim import describe_optimizer, make_optimizer
 from tinylm.prepare import Prepared, fingerprint, prepare
+from tinylm.probe import Probe, make_probe
 from tinylm.step import Learner, make_learner
 
 
@@ -66,6 +67,7 @@ class Training:
     peak: speed.Peak | None  # the device's peak FLOP/s in the run's precision, None where not known
     compile_timer: CompileTimer | None = None  # times a compiled run's first steps (its compile time)
     poisoned: dict[int, str] = field(default_factory=dict)  # steps a test makes fail: {step: "nan" or "overflow"}
+    probe: Probe | None = None  # read at every evaluation (tinylm/probe.py); None: train.probe=none, or not rank 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -137,15 +139,20 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     if peak is not None:  # MFU's denominator, beside it (speed/mfu_percent)
         writer.add_scalar("speed/peak_tflops", peak.flops / 1e12, state.step)
     inspect = d.main and d.strategy != "fsdp"  # FSDP: each process holds a shard of each tensor
+    probe = make_probe(t.probe, prep.tokenizer, prep.val, cfg.model.block_size) if inspect else None
     if inspect:
         tblog.watch_updates(optimizer, model, writer, lambda: state.step + 1, t.log_interval)  # update/weight ratios
+        tracked, note = track.choose(t.track, model, t.seed)
+        if tracked:  # a few single numbers, their gradients and moments (track/)
+            console.say(note or track.describe(tracked))
+            track.watch(optimizer, model, writer, tracked, lambda: state.step + 1, t.log_interval)
     saver = checkpoint.Saver(run_dir / rundir.CHECKPOINT, state.step if previous is not None else None, console.say)
     blowup = guard.BlowUpGuard(t.max_bad_steps, d.device, optimizer, console.say, learner.scaler)
     timer = CompileTimer(cfg.model, dtype, d.device, keep=d.main) if compiled else None
     faults = {**dict.fromkeys(guard.injected_steps("TINYLM_TEST_NAN_STEPS"), "nan"),
               **dict.fromkeys(guard.injected_steps("TINYLM_TEST_OVERFLOW_STEPS"), "overflow")}
     training = Training(cfg, d, run_dir, console, prep, vocab_size, data_id, learner, summary, saver, writer,
-                        blowup, inspect, flops, peak, timer, faults)
+                        blowup, inspect, flops, peak, timer, faults, probe)
     return training, state
 
 

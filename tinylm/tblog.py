@@ -1,7 +1,8 @@
 """What training does to weights, biases and embeddings, written to TensorBoard.
 
 The training loop (tinylm/loop.py) opens the run's writer with `open_writer`, which logs the run's
-description once (parameter table, config, environment, hyperparameters), then calls three functions;
+description once (parameter table, config, environment, hyperparameters, and the Custom Scalars tab's
+`LAYOUT`: train and val loss on one chart), then calls three functions;
 everything they write lands in the run's own event files:
 
 * `log_histograms` at every evaluation: one histogram per parameter tensor, filed by kind
@@ -37,6 +38,17 @@ HISTOGRAM_BINS = 64  # TensorBoard shows 30; its default 'tensorflow' bins make 
 MAX_PROJECTOR_TOKENS = 8192  # the projector's file is text, ~8 bytes a number: cap large vocabularies
 
 
+# TensorBoard's Custom Scalars tab: training and validation loss on one chart, first, since the loss curves
+# are what a user looks at first; then what the model makes of the probe and how the tracked numbers move.
+LAYOUT = {
+    "loss": {"training and validation loss": ["Multiline", ["train/loss", "val/loss"]],
+             "validation loss and the same estimate on training text": ["Multiline", ["val/loss", "train/eval_loss"]]},
+    "watching it learn": {"probe: the loss on each token": ["Multiline", [r"probe/token_loss/.*"]],
+                          "tracked numbers": ["Multiline", [r"track/.*/value"]],
+                          "their gradients": ["Multiline", [r"track/.*/grad"]]},
+}
+
+
 def open_writer(run_dir: Path, cfg, table: str, summary: dict[str, int], environment: dict[str, str],
                 purge_step: int | None = None):
     """A SummaryWriter into run_dir with the run's description logged once: parameter table, config,
@@ -55,6 +67,7 @@ def open_writer(run_dir: Path, cfg, table: str, summary: dict[str, int], environ
     if made:  # at most a second: a file stamped in the future (a clock set back) must not hang the run
         time.sleep(max(0.0, min(1.0, max(made) + 1 - time.time())))
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    writer.add_custom_scalars(LAYOUT)
     writer.add_text("parameters", table)
     writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
     writer.add_text("environment", "\n".join(f"- {k}: {v}" for k, v in environment.items()))
