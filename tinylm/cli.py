@@ -96,7 +96,7 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--top_p", type=float, default=None, help="sample among the most likely tokens holding probability p")
     p.add_argument("--seed", type=int, default=None, help="fix the random choices (same seed, same text)")
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
@@ -110,7 +110,7 @@ def cmd_sample(argv: list[str]) -> int:
     from tinylm.generate import stream_text
     from tinylm.hardware import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, flag="--device")
     _, tok, model, _ = rundir.load(args.run_dir, device)
     gen = torch.Generator(device=device)
     if args.seed is None:
