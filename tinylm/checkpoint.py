@@ -141,7 +141,7 @@ class Saver:
         except SaveError as e:
             if final:
                 raise SaveError(f"{e}; {self.kept()}") from None
-            self.out(f"warning: {e}; {self.kept()}; training goes on and tries again at the next evaluation")
+            self.out(f"warning: {e}; {self.kept()}; training goes on and tries again at the next save")
             return False
         self.step = state["step"]
         return True
