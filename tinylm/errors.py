@@ -41,7 +41,8 @@ def require_folder(path: str | Path, what: str) -> None:
     p = Path(path)
     for candidate in (p, *p.parents):
         if candidate.exists() or candidate.is_symlink():
-            if not candidate.is_dir():
-                where = "" if candidate == p else f" (its parent {shown(str(candidate))} is a file)"
-                raise UserError(f"{what} {shown(str(p))} is a file, not a folder{where}; name a folder")
-            return
+            if candidate.is_dir():
+                return
+            if candidate == p:
+                raise UserError(f"{what} {shown(str(p))} is a file, not a folder; name a folder")
+            raise UserError(f"{what} {shown(str(p))} cannot be a folder: {shown(str(candidate))} is a file")
