@@ -16,12 +16,16 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError
+
+RANK_ERROR_WAIT = 5.0  # seconds a process other than rank 0 waits before reporting an error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as e:
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            # Under torchrun every process meets most errors: rank 0 says it, and torchrun stops the others as
+            # soon as it has ended. An error of this process alone (its GPU missing) is said after the wait.
+            time.sleep(RANK_ERROR_WAIT)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
