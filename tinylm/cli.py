@@ -81,10 +81,11 @@ def cmd_train(argv: list[str]) -> int:
     if args.init_from:
         overrides["train.init_from"] = args.init_from
     from tinylm import rundir
+
+    cfg = rundir.settings(args.config, overrides, resume_dir=args.resume)  # checked before torch is loaded
+    name = rundir.run_name(args.config, args.data or [])
     from tinylm.loop import train
 
-    cfg = rundir.settings(args.config, overrides, resume_dir=args.resume)
-    name = rundir.run_name(args.config, args.data or [])
     result = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), name=name)
     # Stopped by a signal: the shell's convention, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
     return 128 + result.signal if result.interrupted else 0
@@ -104,6 +105,9 @@ def cmd_sample(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    from tinylm.config import check_device
+
+    check_device(args.device, "--device")  # before torch is loaded
     from tinylm.generate import check_options
 
     check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flag="--")

@@ -38,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tinylm import checkpoint
 from tinylm import config as config_
 from tinylm.config import Config
 from tinylm.errors import UserError, require_folder, shown
+
+# tinylm.checkpoint (and with it torch) is imported where a checkpoint is read or written: a command
+# whose settings are wrong fails in a fraction of a second, before torch has loaded.
 
 MARKER = ".tinylm-run"
 CONFIG = "config.yaml"
@@ -167,6 +169,8 @@ def lock(run_dir: Path) -> Iterator[None]:
 def write_files(run_dir: Path, cfg: Config, tokenizer: Path, data: dict[str, Any]) -> None:
     """The marker, config.yaml, tokenizer.json (a copy of the file `tokenizer`) and data.json, each
     written atomically, the marker first."""
+    from tinylm import checkpoint
+
     contents = {MARKER: b"a tinylm run directory: tinylm train may write here (--resume)\n",
                 CONFIG: config_.to_yaml(cfg).encode(), TOKENIZER: tokenizer.read_bytes(), DATA: json.dumps(data, indent=2).encode()}
     try:
@@ -180,6 +184,8 @@ def write_files(run_dir: Path, cfg: Config, tokenizer: Path, data: dict[str, Any
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """metrics.json, atomically; SaveError (the previous file kept) if the disk refuses."""
+    from tinylm import checkpoint
+
     path = run_dir / METRICS
     try:
         with checkpoint.atomic_file(path) as f:
@@ -257,6 +263,7 @@ class LoadedRun(NamedTuple):
 
 def load(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
     """(config, tokenizer, model, checkpoint state) of a trained run, the model on `device` in eval mode."""
+    from tinylm import checkpoint
     from tinylm.model import GPT
     from tinylm.tokenizer import TextTokenizer
 
@@ -346,6 +353,8 @@ def resume(run_dir: Path, cfg: Config, texts: bool = False) -> Resume:
     """The checkpoint in run_dir, checked for continuing under cfg (the data is checked later, by
     `Resume.check_data`, so that a refusal here comes before the data is prepared). `texts`: the caller
     holds texts in memory to train on (a run trained on such texts cannot resume without them)."""
+    from tinylm import checkpoint
+
     path = require_checkpoint(run_dir, " to resume from")
     if trained_on_texts(run_dir) and not texts:
         raise UserError(f"{run_dir} was trained on texts held in memory, which a run directory does not keep; resume it "
