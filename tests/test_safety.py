@@ -26,7 +26,7 @@ import torch
 from conftest import ROOT, markov_text, tiny_config
 
 from tinylm import checkpoint, rundir
-from tinylm.console import Console, QUIET
+from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
 from tinylm.loop import train
 

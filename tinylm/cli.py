@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tinylm.errors import UserError
+from tinylm.errors import UserError, shown
 
 RANK_ERROR_WAIT = 5.0  # seconds a process other than rank 0 waits before reporting an error
 
@@ -83,6 +83,8 @@ def cmd_train(argv: list[str]) -> int:
     from tinylm import rundir
 
     cfg = rundir.settings(args.config, overrides, resume_dir=args.resume)  # checked before torch is loaded
+    if args.run_dir is not None and not args.resume:
+        rundir.claim(args.run_dir, resume=False)  # so is the folder (tinylm.start checks again, for the Python API)
     name = rundir.run_name(args.config, args.data or [])
     from tinylm.loop import train
 
@@ -105,6 +107,8 @@ def cmd_sample(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"--seed must be between -2**63 and 2**64 - 1, got {shown(args.seed)}")
     from tinylm.config import check_device
 
     check_device(args.device, "--device")  # before torch is loaded
@@ -142,6 +146,8 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("out_dir")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in OUT_DIR")
     args = p.parse_args(argv)
+    if not args.out_dir:  # Path("") is the current folder, which is no place to scatter an export's files
+        raise UserError("OUT_DIR is empty; name a folder for the export")
     from tinylm.export import export
 
     export(args.run_dir, args.out_dir, force=args.force)

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from tinylm.config import ModelConfig
 from tinylm.checkpoint import load_tensors
+from tinylm.config import ModelConfig
 from tinylm.errors import UserError, shown
 from tinylm.hf_config import RELATIVES, gpt2_config_json, gpt2_model, llama_config_json, llama_model, refuse
 from tinylm.tokenizer import EOT, TextTokenizer
