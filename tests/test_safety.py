@@ -69,6 +69,8 @@ CASES = {
     "n_layer_edited": Case(["sample", "deeper", "--max_new_tokens", "3"],
                            r"do not fit the model config.yaml describes: model.n_layer is 2, but the checkpoint "
                            r"holds 1 block$", keep=["deeper"]),
+    "sample_seed_overflow": Case(["sample", "run", "--seed", str(2**64)], r"^--seed must be between -2\*\*63 and"),
+    "export_empty_out": Case(["export", "run", ""], r"^OUT_DIR is empty", keep=["mine"], absent=["config.json"]),
     "config_folder": Case(["train", "--config", "conf/"], r"^conf is a folder, not a config file"),
     "cache_dir_file": Case(["train", "--data", "corpus.txt", "--run_dir", "c", *TINY, "--data.cache_dir=notes.txt"],
                            r"^data.cache_dir 'notes.txt' is a file, not a folder", keep=["notes.txt"], absent=["c"]),

@@ -118,8 +118,8 @@ class TrainConfig:
     """The optimizer, its schedule, when to stop, evaluate and log, and where to run."""
 
     batch_size: int = setting(32, "sequences per micro-batch (in each process)")
-    grad_accum: int = setting(1, "micro-batches per optimizer step, shared among the processes (a multiple of "
-                                 "their number)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step, shared among the processes (whole ones when "
+                                 "a multiple of their number, else each micro-batch's sequences)")
     lr: float = setting(3e-3, "peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part")
     min_lr: float = setting(3e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = setting(30, "steps of linear warmup to lr; Muon needs little (30 beat 100 in 60 s and "
