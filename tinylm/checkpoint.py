@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from tinylm.errors import UserError, shown
+from tinylm.errors import SHOWN_CHARS, UserError, shown
 
 RUN_KEYS = ("model", "vocab_size", "config")  # what sampling needs
 RESUME_KEYS = RUN_KEYS + ("optimizer", "step", "tokens", "elapsed", "best_val", "batch_rng", "rng")
@@ -180,7 +180,7 @@ def load_tensors(path: Path, map_location: str | torch.device, what: str) -> Any
         text = str(e).strip()
         unsafe = re.search(r"GLOBAL (\S+)", text)  # torch's wording varies between versions
         if unsafe:  # the file asks to import and call something: a crafted or foreign pickle
-            reason = f"it references {shown(unsafe.group(1))}, and only tensors and plain data are loaded"
+            reason = f"it references {unsafe.group(1)[:SHOWN_CHARS]}, and only tensors and plain data are loaded"
         elif "weights only" in text.lower() or "weights_only" in text:
             reason = "it holds objects other than tensors and plain data, which are not loaded"
         else:

@@ -71,8 +71,7 @@ def claim(run_dir: str | Path, resume: bool) -> Path:
     run_dir = Path(run_dir)
     require_folder(run_dir, "run directory")
     if resume:
-        if not run_dir.is_dir():
-            raise UserError(f"run directory not found: {shown(str(run_dir))}")
+        require_checkpoint(run_dir, " to resume from")
         if not is_run(run_dir):
             raise UserError(f"{shown(str(run_dir))} is not a tinylm run (it has no {MARKER}); --resume continues "
                             "a folder that tinylm train wrote")
@@ -112,7 +111,6 @@ def settings(config: str | Path | None, overrides: dict[str, Any], resume_dir: s
     run's own config.yaml unless another is named), then `overrides` ({"train.max_steps": 6000, ...})."""
     if resume_dir is not None:  # a run with a checkpoint, before its config.yaml is read
         claim(resume_dir, resume=True)
-        require_checkpoint(resume_dir, " to resume from")
         config = config or Path(resume_dir) / CONFIG
     return config_.load(config, overrides)
 
