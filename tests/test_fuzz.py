@@ -119,7 +119,7 @@ def other_commands(draw) -> list[str]:
         for name, strategy in (("prompt", st.text(max_size=10)), ("max_new_tokens", st.integers(-2, 12)),
                                ("temperature", st.floats(allow_nan=True) | st.text(max_size=3)),
                                ("top_k", st.integers(-2, 2**70)), ("top_p", st.floats(allow_nan=True)),
-                               ("seed", st.integers(-(2**70), 2**70)), ("num_samples", st.integers(-1, 2)),
+                               ("seed", st.integers(-(2**70), 2**70) | st.sampled_from([2**32, 2**63, 2**64, -(2**63) - 1])), ("num_samples", st.integers(-1, 2)),
                                ("device", st.sampled_from(["cpu", "auto", "cuda", "cuda:7", "tpu", "mps", ""]))):
             args += draw(option(name, strategy))
         return args
