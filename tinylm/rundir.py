@@ -170,7 +170,8 @@ def write_files(run_dir: Path, cfg: Config, tokenizer: Path, data: dict[str, Any
     from tinylm import checkpoint
 
     contents = {MARKER: b"a tinylm run directory: tinylm train may write here (--resume)\n",
-                CONFIG: config_.to_yaml(cfg).encode(), TOKENIZER: tokenizer.read_bytes(), DATA: json.dumps(data, indent=2).encode()}
+                CONFIG: config_.to_yaml(cfg).encode(), TOKENIZER: tokenizer.read_bytes(),
+                DATA: json.dumps(data, indent=2).encode()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, content in contents.items():
