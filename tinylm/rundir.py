@@ -75,7 +75,8 @@ def claim(run_dir: str | Path, resume: bool) -> Path:
         if not is_run(run_dir):
             raise UserError(f"{shown(str(run_dir))} is not a tinylm run (it has no {MARKER}); --resume continues "
                             "a folder that tinylm train wrote")
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not is_run(run_dir):
+    # A folder holding only a lock is a run being started (by rank 0, when several processes each check).
+    elif run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) and not is_run(run_dir):
         raise UserError(f"{shown(str(run_dir))} is a folder with files of its own, not a tinylm run; tinylm writes a "
                         "run only into a new or empty folder, and never over your files: pick another --run_dir")
     return run_dir
