@@ -213,7 +213,7 @@ def test_unwritable_cache_is_one_line(tmp_path):
     p.write_text(markov_text(5000))
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should go")
-    with pytest.raises(UserError, match=rf"^cannot write the data cache in {blocker}/cache: .*set --data.cache_dir"):
+    with pytest.raises(UserError, match=rf"^data.cache_dir '{blocker}/cache' cannot be a folder: '{blocker}' is a file$"):
         prepare(DataConfig(paths=[str(p)], cache_dir=str(blocker / "cache"), tokenizer="char"))
 
 

@@ -1,7 +1,7 @@
 """Training in several processes, for real: torchrun starts two CPU processes that talk over gloo.
 
-Two processes that each run one of a step's two micro-batches train the same model as one process that
-runs both (the global batch is train.batch_size x train.grad_accum sequences either way, drawn alike,
+Two processes that each run one of a step's two micro-batches (or, with one micro-batch per step as
+by default, their shares of its sequences) train the same model as one process that runs both (the global batch is train.batch_size x train.grad_accum sequences either way, drawn alike,
 with dropout seeded per micro-batch), so their loss curves, weights and optimizer state agree within
 float rounding. A run resumes across a change in the number of processes, DDP and FSDP alike, and a
 signal that reaches one process stops both at the same step with a checkpoint.
@@ -114,7 +114,8 @@ def test_two_processes_write_one_run(runs):
     projector = ["projector_config.pbtxt", f"{STEPS:05d}"]
     assert all(name in files for name in projector)
     assert [f for f in files if not f.startswith("events.") and f not in projector] == [
-        ".lock", "checkpoint.pt", "config.yaml", "data.json", "metrics.json", "snapshots", "tokenizer.json"]
+        ".lock", ".tinylm-run", "checkpoint.pt", "config.yaml", "data.json", "metrics.json", "snapshots",
+        "tokenizer.json"]
     assert rundir.snapshot_steps(work / "two") == [4, 8]  # rank 0 keeps the checkpoint of each evaluation
     assert len([f for f in files if f.startswith("events.")]) == 1  # one TensorBoard writer
     assert [s for s, _ in scalars(work / "two", "train/loss")] == list(range(1, STEPS + 1))
@@ -170,10 +171,66 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(runs):
     assert scalars(work / "stopped", "train/loss")[-1][0] == stopped
 
 
-def test_the_global_batch_must_split_evenly(tmp_path, markov_file, monkeypatch):
+def test_the_global_batch_must_split_somehow(tmp_path, markov_file, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 would; refused before any process group
-    cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, train={"grad_accum": 3})
-    with pytest.raises(UserError, match=r"^the global batch is train.batch_size x train.grad_accum = 16 x 3 sequences, "
-                                        r"and 2 processes cannot share 3 micro-batches evenly; set train.grad_accum "
-                                        r"to a multiple of 2$"):
+    cfg = tiny_config(tmp_path, [markov_file], data={"tokenizer": "char"}, train={"grad_accum": 3, "batch_size": 1})
+    with pytest.raises(UserError, match=r"^the global batch is train.batch_size x train.grad_accum = 1 x 3 sequences, "
+                                        r"and 2 processes can share neither its 3 micro-batches evenly nor the 1 "
+                                        r"sequences of each; set train.grad_accum to a multiple of 2, or "
+                                        r"train.batch_size to at least 2$"):
         train(cfg, run_dir=tmp_path / "run", console=QUIET)
+
+
+def test_uneven_shares_of_a_micro_batch_weigh_as_one_process_would(markov_file):
+    """3 processes share 8 sequences as 3, 3 and 2: DDP's plain average of their weighted losses (and so of
+    their gradients) is the mean over all 8, the loss one process takes."""
+    import numpy as np
+    import torch
+
+    from tinylm.distributed import Dist
+    from tinylm.model import GPT
+    from tinylm.step import draw_batches
+
+    cfg = tiny_config(markov_file.parent, [markov_file], train={"batch_size": 8, "grad_accum": 1})
+    ids = np.arange(1000, dtype=np.uint16) % 50
+    model = GPT(cfg.model, 50)
+
+    def loss_and_grad(batches) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        loss = sum(model(b.x, b.y)[1] * b.weight for b in batches) / len(batches)
+        loss.backward()
+        return loss.item(), model.tok_emb.weight.grad.clone()
+
+    one = draw_batches(ids, cfg.train, 32, torch.Generator().manual_seed(0), 0, Dist(torch.device("cpu")))
+    shares = [draw_batches(ids, cfg.train, 32, torch.Generator().manual_seed(0), 0,
+                           Dist(torch.device("cpu"), rank=r, world=3)) for r in range(3)]
+    assert [len(b[0].x) for b in shares] == [3, 3, 2]
+    assert torch.equal(torch.cat([b[0].x for b in shares]), one[0].x[[0, 3, 6, 1, 4, 7, 2, 5]])
+    loss, grad = loss_and_grad(one)
+    parts = [loss_and_grad(b) for b in shares]
+    assert abs(sum(p[0] for p in parts) / 3 - loss) < 1e-6
+    assert torch.allclose(sum(p[1] for p in parts) / 3, grad, atol=1e-7)
+
+
+def test_two_processes_train_the_defaults_single_micro_batch_as_one(tmp_path):
+    """The default config's one micro-batch per step on 2 processes (here 5 sequences: 3 and 2): each runs
+    its share of the sequences, and the weights after two steps are one process's."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(markov_text(10_000))
+    cfg = tiny_config(tmp_path, [corpus], data={"tokenizer": "char"},
+                      train={"batch_size": 5, "grad_accum": 1, "max_steps": 2, "eval_interval": 2,
+                             "eval_batches": 2, "log_interval": 1, "sample_tokens": 0, "warmup_steps": 1})
+    config_.save(cfg, tmp_path / "tiny.yaml")
+    train(cfg, run_dir=tmp_path / "one", console=QUIET)
+    proc = launch(tmp_path, "--config", "tiny.yaml", "--run_dir", "two")
+    assert proc.finish() == 0, proc.stdout + proc.stderr
+    assert "each runs 2 or 3 of the 5 sequences of each of the step's 1 micro-batch" in proc.stdout
+    loss, weights, moments = max_differences(tmp_path / "two", tmp_path / "one")
+    assert loss < TOLERANCE and weights < TOLERANCE and moments < TOLERANCE, (loss, weights, moments)
+
+
+def test_an_error_is_said_once(tmp_path):
+    proc = launch(tmp_path, "--train.seed=-1")
+    assert proc.finish() != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config key 'train.seed' must be between 0 and 4,294,967,295 (2**32 - 1), got -1"]

@@ -91,7 +91,7 @@ def load(run_dir: str | os.PathLike, device: str = "auto") -> Run:
     CUDA GPU, else Apple's MPS, else the CPU)."""
     from tinylm.hardware import pick_device
 
-    cfg, tok, model, _ = rundir.load(run_dir, pick_device(device))
+    cfg, tok, model, _ = rundir.load(run_dir, pick_device(device, flag="device"))
     return Run(Path(run_dir), cfg, tok, model)
 
 

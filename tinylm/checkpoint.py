@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from tinylm.errors import UserError
+from tinylm.errors import SHOWN_CHARS, UserError, shown
 
 RUN_KEYS = ("model", "vocab_size", "config")  # what sampling needs
 RESUME_KEYS = RUN_KEYS + ("optimizer", "step", "tokens", "elapsed", "best_val", "batch_rng", "rng")
@@ -141,7 +142,7 @@ class Saver:
         except SaveError as e:
             if final:
                 raise SaveError(f"{e}; {self.kept()}") from None
-            self.out(f"warning: {e}; {self.kept()}; training goes on and tries again at the next evaluation")
+            self.out(f"warning: {e}; {self.kept()}; training goes on and tries again at the next save")
             return False
         self.step = state["step"]
         return True
@@ -163,18 +164,28 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     if damaged is not None:
         raise UserError(f"cannot load checkpoint {path}: it is damaged (member {damaged} fails its CRC-32 check)")
+    return load_tensors(path, map_location, "checkpoint")
+
+
+def load_tensors(path: Path, map_location: str | torch.device, what: str) -> Any:
+    """torch.load(path, weights_only=True): tensors and plain data, nothing that runs. A file that holds
+    anything else is one line naming what it references, never PyTorch's own message, whose advice (load
+    it with weights_only=False) is the one thing not to do with a file that may be crafted; PyTorch's
+    warnings about the pickle are silenced for the same reason."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, zip errors: all mean "not a checkpoint"
         text = str(e).strip()
         unsafe = re.search(r"GLOBAL (\S+)", text)  # torch's wording varies between versions
         if unsafe:  # the file asks to import and call something: a crafted or foreign pickle
-            reason = f"it references {unsafe.group(1)}, and only tensors and plain data are loaded"
-        elif "weights only" in text.lower():
+            reason = f"it references {unsafe.group(1)[:SHOWN_CHARS]}, and only tensors and plain data are loaded"
+        elif "weights only" in text.lower() or "weights_only" in text:
             reason = "it holds objects other than tensors and plain data, which are not loaded"
         else:
-            reason = text.splitlines()[0][:200] if text else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path}: {reason}") from None
+            reason = shown(text.splitlines()[0]) if text else type(e).__name__
+        raise UserError(f"cannot load {what} {path}: {reason}") from None
 
 
 def require(state: Any, keys: tuple[str, ...], path: Path) -> dict[str, Any]:

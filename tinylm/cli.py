@@ -17,12 +17,16 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from tinylm.errors import UserError
+from tinylm.errors import UserError, shown
+
+RANK_ERROR_WAIT = 5.0  # seconds a process other than rank 0 waits before reporting an error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,10 +82,13 @@ def cmd_train(argv: list[str]) -> int:
     if args.init_from:
         overrides["train.init_from"] = args.init_from
     from tinylm import rundir
+
+    cfg = rundir.settings(args.config, overrides, resume_dir=args.resume)  # checked before torch is loaded
+    if args.run_dir is not None and not args.resume:
+        rundir.claim(args.run_dir, resume=False)  # so is the folder (tinylm.start checks again, for the Python API)
+    name = rundir.run_name(args.config, args.data or [])
     from tinylm.loop import train
 
-    cfg = rundir.settings(args.config, overrides, resume_dir=args.resume)
-    name = rundir.run_name(args.config, args.data or [])
     result = train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), name=name)
     # Stopped by a signal: the shell's convention, 128 + its number (130 for Ctrl-C, 143 for SIGTERM).
     return 128 + result.signal if result.interrupted else 0
@@ -97,14 +104,19 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--top_p", type=float, default=None, help="sample among the most likely tokens holding probability p")
     p.add_argument("--seed", type=int, default=None, help="fix the random choices (same seed, same text)")
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--device", default="auto")
     p.add_argument("--show_probs", action="store_true",
                    help="each token with the probability it was drawn with and its top alternatives")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="keep the model loaded and continue each line typed (or read from stdin)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"--seed must be between -2**63 and 2**64 - 1, got {shown(args.seed)}")
+    from tinylm.config import check_device
+
+    check_device(args.device, "--device")  # before torch is loaded
     from tinylm.generate import check_options
 
     check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flag="--")
@@ -115,7 +127,7 @@ def cmd_sample(argv: list[str]) -> int:
     from tinylm.generate import stream_text
     from tinylm.hardware import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, flag="--device")
     _, tok, model, _ = rundir.load(args.run_dir, device)
     gen = torch.Generator(device=device)
     if args.seed is None:
@@ -150,6 +162,8 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("out_dir")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in OUT_DIR")
     args = p.parse_args(argv)
+    if not args.out_dir:  # Path("") is the current folder, which is no place to scatter an export's files
+        raise UserError("OUT_DIR is empty; name a folder for the export")
     from tinylm.export import export
 
     export(args.run_dir, args.out_dir, force=args.force)
@@ -223,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as e:
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            # Under torchrun every process meets most errors: rank 0 says it, and torchrun stops the others as
+            # soon as it has ended. An error of this process alone (its GPU missing) is said after the wait.
+            time.sleep(RANK_ERROR_WAIT)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,7 +22,9 @@ from typing import Any
 import yaml
 
 from tinylm import configfile
-from tinylm.errors import UserError
+from tinylm.errors import UserError, shown
+
+MAX_SEED = 2**32 - 1
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -116,8 +118,8 @@ class TrainConfig:
     """The optimizer, its schedule, when to stop, evaluate and log, and where to run."""
 
     batch_size: int = setting(32, "sequences per micro-batch (in each process)")
-    grad_accum: int = setting(1, "micro-batches per optimizer step, shared among the processes (a multiple of "
-                                 "their number)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step, shared among the processes (whole ones when "
+                                 "a multiple of their number, else each micro-batch's sequences)")
     lr: float = setting(3e-3, "peak learning rate (eta in w_new = w - eta * dL/dw); with Muon: for the AdamW part")
     min_lr: float = setting(3e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = setting(30, "steps of linear warmup to lr; Muon needs little (30 beat 100 in 60 s and "
@@ -192,22 +194,22 @@ def _unknown_key(key: str) -> UserError:
     if "." not in key:  # a section name
         close = difflib.get_close_matches(key, list(SECTIONS), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return UserError(f"unknown config section '{key}'{hint} (sections: {', '.join(SECTIONS)})")
+        return UserError(f"unknown config section {shown(key)}{hint} (sections: {', '.join(SECTIONS)})")
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys are {', '.join(all_keys())}"
-    return UserError(f"unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key {shown(key)}{hint}")
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or fail naming the key."""
     kind_name = getattr(kind, "__name__", str(kind))
-    bad = UserError(f"config key '{key}' must be {kind_name}, got {value!r}")
+    bad = UserError(f"config key '{key}' must be {kind_name}, got {shown(value)}")
     if kind == "list[str]":
         if isinstance(value, str):
             return [value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise UserError(f"config key '{key}' must be a list of paths, got {value!r}")
+        raise UserError(f"config key '{key}' must be a list of paths, got {shown(value)}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -258,7 +260,7 @@ def _check_choices(cfg: Config) -> None:
         for f in dataclasses.fields(cls):
             value, choices = getattr(getattr(cfg, section), f.name), f.metadata["choices"]
             if choices and value not in choices:
-                raise UserError(f"config key '{section}.{f.name}' must be one of {', '.join(choices)}, got '{value}'")
+                raise UserError(f"config key '{section}.{f.name}' must be one of {', '.join(choices)}, got {shown(value)}")
 
 
 def validate(cfg: Config) -> Config:
@@ -268,11 +270,11 @@ def validate(cfg: Config) -> Config:
 
     def positive(key: str, value: float) -> None:
         if not value > 0:
-            raise UserError(f"config key '{key}' must be > 0, got {value}")
+            raise UserError(f"config key '{key}' must be > 0, got {shown(value)}")
 
     def non_negative(key: str, value: float) -> None:
         if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
-            raise UserError(f"config key '{key}' must be >= 0, got {value}")
+            raise UserError(f"config key '{key}' must be >= 0, got {shown(value)}")
 
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
         positive(f"model.{key}", getattr(m, key))
@@ -312,10 +314,19 @@ def validate(cfg: Config) -> Config:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:
             raise UserError(f"config key 'train.{key}' must be in [0, 1), got {getattr(t, key)}")
-    if t.device not in ("auto", "cpu", "mps") and not t.device.startswith("cuda"):
-        raise UserError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
+    if not 0 <= t.seed <= MAX_SEED:  # numpy's seeding takes 32 bits
+        raise UserError(f"config key 'train.seed' must be between 0 and {MAX_SEED:,} (2**32 - 1), got {shown(t.seed)}")
+    check_device(t.device, "config key 'train.device'")
     positive("train.muon_lr", t.muon_lr)
     return cfg
+
+
+def check_device(name: str, what: str) -> None:
+    """One line unless `name` is a device tinylm knows how to ask for (whether it is here is
+    tinylm.hardware.pick_device's question). `what` names where the value came from."""
+    index = name.partition(":")[2]
+    if name not in ("auto", "cpu", "mps", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
+        raise UserError(f"{what} must be auto, cpu, cuda, cuda:N or mps, got {shown(name)}")
 
 
 def apply(cfg: Config, values: dict[str, Any], source: str = "command line") -> Config:

@@ -22,7 +22,10 @@ What the loop needs from it, and why:
   tied matrix must live in one unit. Checkpoints hold full (unsharded) tensors gathered on rank 0, in
   the single-process format, so any number of processes (one included) resumes them.
 * the global batch: `train.batch_size` sequences per micro-batch, `train.grad_accum` micro-batches per
-  step, whatever the number of processes; each process runs grad_accum / world of them.
+  step, whatever the number of processes. When the micro-batches divide evenly among the processes,
+  each runs grad_accum / world of them; otherwise (the defaults' single micro-batch on 2 GPUs) each
+  runs every micro-batch on its share of the sequences, weighted so that the step's gradient is still
+  the mean over the whole global batch: N processes train the model one process would.
 * agreement: every process must take the same branch at the same step, or a collective waits forever.
   The loss the blow-up guard judges is averaged over the processes; a stop signal that reaches any
   process stops all of them at the same step; the clock the schedule and train.max_time follow is the
@@ -70,11 +73,22 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def splits_micro_batches(self, t: TrainConfig) -> bool:
+        """True when each process runs whole micro-batches; False when each runs its share of the sequences
+        of every micro-batch (train.grad_accum is not a multiple of the number of processes)."""
+        return t.grad_accum % self.world == 0
+
     def describe(self, t: TrainConfig, block_size: int) -> str:
-        each = t.grad_accum // self.world
-        return (f"{self.world} processes ({self.strategy.upper()} over {self.backend}): each runs {each} of the "
-                f"step's {t.grad_accum} micro-batch{'es' if t.grad_accum > 1 else ''} of {t.batch_size} sequences; "
-                f"global batch {t.batch_size} x {t.grad_accum} x {block_size} tokens, the same with any number of processes")
+        if self.splits_micro_batches(t):
+            each = (f"each runs {t.grad_accum // self.world} of the step's {t.grad_accum} "
+                    f"micro-batch{'es' if t.grad_accum > 1 else ''} of {t.batch_size} sequences")
+        else:
+            fewest, most = t.batch_size // self.world, -(-t.batch_size // self.world)
+            share = f"{fewest}" if fewest == most else f"{fewest} or {most}"
+            each = (f"each runs {share} of the {t.batch_size} sequences of each of the step's {t.grad_accum} "
+                    f"micro-batch{'es' if t.grad_accum > 1 else ''}")
+        return (f"{self.world} processes ({self.strategy.upper()} over {self.backend}): {each}; global batch "
+                f"{t.batch_size} x {t.grad_accum} x {block_size} tokens, the same with any number of processes")
 
     # ------------------------------------------------------------ the model
 
@@ -273,11 +287,12 @@ def setup(t: TrainConfig, device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device)
-    if t.grad_accum % world:
+    if t.grad_accum % world and t.batch_size < world:
         raise UserError(
             f"the global batch is train.batch_size x train.grad_accum = {t.batch_size} x {t.grad_accum} sequences, "
-            f"and {world} processes cannot share {t.grad_accum} micro-batches evenly; "
-            f"set train.grad_accum to a multiple of {world}")
+            f"and {world} processes can share neither its {t.grad_accum} micro-batches evenly nor the "
+            f"{t.batch_size} sequences of each; set train.grad_accum to a multiple of {world}, or train.batch_size "
+            f"to at least {world}")
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"several processes train on CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}; "
                         "use train.device=cuda or cpu")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from tinylm import __version__
-from tinylm.errors import UserError
+from tinylm.errors import UserError, require_folder
 
 RETRIES = 3  # attempts per file when the connection drops; each resumes from what was received
 
@@ -181,6 +181,7 @@ def download(name: str, data_dir: str | Path = "data", mirror: str | None = None
         raise UserError(f"--mirror {mirror!r} is not an http:// or https:// address")
     corpus = CORPORA[name]
     data_dir = Path(data_dir)
+    require_folder(data_dir, "--dir")
     targets = []
     for remote in corpus.files:
         target = data_dir / remote.target

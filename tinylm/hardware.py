@@ -23,12 +23,14 @@ from typing import Any
 import torch
 
 from tinylm import __version__, measure
-from tinylm.config import ModelConfig
+from tinylm.config import ModelConfig, check_device
 from tinylm.errors import UserError
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' means the fastest thing present: CUDA, then Apple's MPS, then the CPU."""
+def pick_device(name: str, flag: str = "train.device") -> torch.device:
+    """'auto' means the fastest thing present: CUDA, then Apple's MPS, then the CPU. `flag` is how the
+    user named the device (train.device, or sample's --device), for the message when it is not here."""
+    check_device(name, flag)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -36,9 +38,12 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but this torch build sees no CUDA GPU; use train.device=cpu or auto")
+        raise UserError(f"{flag}={name} but this torch build sees no CUDA GPU; use {flag}=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"{flag}={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0; use {flag}=cuda:0 or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("train.device=mps but MPS is not available here; use train.device=cpu or auto")
+        raise UserError(f"{flag}=mps but MPS is not available here; use {flag}=cpu or auto")
     return torch.device(name)
 
 

@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
+from tinylm.checkpoint import load_tensors
 from tinylm.config import ModelConfig
-from tinylm.errors import UserError
+from tinylm.errors import UserError, shown
 from tinylm.hf_config import RELATIVES, gpt2_config_json, gpt2_model, llama_config_json, llama_model, refuse
 from tinylm.tokenizer import EOT, TextTokenizer
 
@@ -201,11 +202,11 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
             shards = sorted(set(_read_json(index)["weight_map"].values()))
             return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
         if (folder / "pytorch_model.bin").is_file():
-            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            return load_tensors(folder / "pytorch_model.bin", "cpu", "the weights")
     except UserError:
         raise
     except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read the weights in {folder}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"cannot read the weights in {folder}: {shown(str(e).strip()) if str(e).strip() else type(e).__name__}") from None
     raise UserError(f"{folder} holds no weights (model.safetensors or pytorch_model.bin)")
 
 

@@ -207,14 +207,17 @@ def train_until_stopped(tr: Training, state: LoopState, stop: guard.StopSignals,
         _, state.elapsed = tr.d.agree(0, clock())
         bar.update(1)
         when = due(state, t)
+        # The last step's save and metrics are finish_run's: final, so a failure is an error, never a
+        # warning that promises another try.
+        last = finished(state, t)
         if when.log:
             log_step(tr, state, lr, loss, grad_norm, meter.read(), bar)
         if when.evaluate:
             tr.guard.poll()
             evaluate_run(tr, state)
-        if when.save:
+        if when.save and not last:
             save(tr, state, final=False)
-        if when.evaluate:  # after the save: metrics.json never gets ahead of the checkpoint beside it
+        if when.evaluate and not last:  # after the save: metrics.json never gets ahead of the checkpoint beside it
             record_metrics(tr, state, final=False)
         mark_done(state, t, when)
         if when.evaluate or when.save:
@@ -380,6 +383,7 @@ def checkpoint_contents(tr: Training, state: LoopState, weights: dict, moments: 
         "config": tr.cfg.to_dict(),  # the config these weights were trained with (rundir.compare)
         "vocab_size": tr.vocab_size,
         "data": tr.data_id,
+        "tokenizer": tr.tokenizer_id,  # sample, explain and export check the run's tokenizer.json against it
         "environment": environment(),
         "probe": tr.probe.text if tr.probe is not None else "",  # what `tinylm explain --compare` reads
         **({"scaler": tr.learner.scaler.state_dict()} if tr.learner.scaler is not None else {}),  # float16's loss scale

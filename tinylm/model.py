@@ -305,3 +305,30 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
         maps.append(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1))
         x = block(x, rope, None, i)
     return maps
+
+
+# Which settings shape each tensor, by the start of its name (the first that matches): what a checkpoint
+# whose tensors do not fit a model must have been trained with otherwise.
+SHAPED_BY = {"pos_emb": "model.pos or model.block_size", "attn.qkv": "model.n_head or model.n_kv_head",
+             "mlp": "model.mlp or model.mlp_hidden", "": "model.n_embd"}
+
+
+def explain_mismatch(now: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], m: ModelConfig) -> str:
+    """Which model setting makes a checkpoint's tensors (`saved`) differ from those of a model built under
+    m (`now`), in words; "" if they do not differ."""
+    blocks = len({k.split(".")[1] for k in saved if k.startswith("blocks.")})
+    if blocks != m.n_layer:
+        return f"model.n_layer is {m.n_layer}, but the checkpoint holds {blocks} block{'s' * (blocks != 1)}"
+    width = saved["tok_emb.weight"].shape[1] if "tok_emb.weight" in saved else m.n_embd
+    if width != m.n_embd:
+        return f"model.n_embd is {m.n_embd}, but the checkpoint's embeddings are {width} wide"
+    for name in sorted(set(now) ^ set(saved)):
+        what = "model.pos" if name.startswith("pos_emb") else "model.bias or model.norm" if name.endswith(".bias") else ""
+        held = "holds" if name in saved else "lacks"
+        return f"the checkpoint {held} {name}{f' ({what} differs)' if what else ''}"
+    for name in now:
+        if now[name].shape != saved[name].shape:
+            what = next(setting for part, setting in SHAPED_BY.items() if part in name)
+            return (f"{name} is {tuple(saved[name].shape)} in the checkpoint and {tuple(now[name].shape)} under these "
+                    f"settings ({what} differs)")
+    return ""

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tinylm.config import DataConfig
-from tinylm.errors import UserError
+from tinylm.errors import UserError, require_folder
 from tinylm.sources import Source, corpus_sources, iter_documents
 from tinylm.tokenizer import TextTokenizer
 from tinylm.tokenizer import train as train_tokenizer
@@ -201,6 +201,7 @@ def prepare(cfg: DataConfig, tokenizer: TextTokenizer | None = None, texts: Sequ
     `tokenizer` (a pretrained model's) is used instead of training one. `texts`, strings held in memory
     (they cannot live in a config file), are documents of the corpus after those of cfg.paths; with
     texts and no paths the corpus is the texts alone."""
+    require_folder(cfg.cache_dir, "data.cache_dir")  # not "File exists; free some space" from mkdir
     sources = corpus_sources(cfg, texts)
     root = Path(cfg.cache_dir)
     final = root / cache_key(cfg, sources, tokenizer)

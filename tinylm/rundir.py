@@ -5,6 +5,7 @@ never half of one), holds the one-trainer lock, reads them back, and decides whe
 continued under a given config.
 
     runs/<name>/
+        .tinylm-run           written first: marks the folder as a run, which tinylm may write into again
         config.yaml           the run's settings: readable, editable (train.* may change on resume)
         tokenizer.json        the tokenizer, in Hugging Face `tokenizers`' format
         data.json             what the data was: sources, token counts, the cache it was prepared in,
@@ -18,6 +19,9 @@ continued under a given config.
         .lock                 held by the process training here
         events.out.tfevents.* TensorBoard's log (tinylm.tblog)
 
+A run is written only into a folder that is new, empty or a run already (`claim`, before a byte is
+written), so a mistyped --run_dir can never replace a user's own config.yaml or tokenizer.json.
+
 config.yaml and the checkpoint both hold the config: config.yaml is the copy a person reads and edits,
 the checkpoint's is the one its weights were trained with. `compare` is the one place they are set side
 by side, for resuming (`resume`) and for loading a run to sample from (`load`): it names the setting
@@ -27,19 +31,24 @@ that disagrees with the weights.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tinylm import checkpoint
 from tinylm import config as config_
 from tinylm.config import Config
-from tinylm.errors import UserError
+from tinylm.errors import UserError, require_folder, shown
 
+# tinylm.checkpoint (and with it torch) is imported where a checkpoint is read or written: a command
+# whose settings are wrong fails in a fraction of a second, before torch has loaded.
+
+MARKER = ".tinylm-run"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 DATA = "data.json"
@@ -52,6 +61,30 @@ EVENTS = "events.out.tfevents."  # how TensorBoard's SummaryWriter starts the na
 IN_MEMORY = "texts_in_memory"  # data.json's key: true when the corpus was texts held in memory
 # Settings the weights depend on, with what they are: a run cannot continue, or be sampled, under others.
 FIXED = {"model.": "the architecture", "data.tokenizer": "the tokenizer", "data.vocab_size": "the tokenizer"}
+
+
+def is_run(run_dir: Path) -> bool:
+    """True for a folder tinylm made: its marker, or (a run from before the marker) every file a run has."""
+    return (run_dir / MARKER).is_file() or all((run_dir / f).is_file() for f in (CONFIG, TOKENIZER, DATA, CHECKPOINT))
+
+
+def claim(run_dir: str | Path, resume: bool) -> Path:
+    """The folder to train into, once it is known to be safe to write: a new or empty folder, or a run
+    (and a run only, to resume). One line otherwise, before anything is written."""
+    if str(run_dir) == "":
+        raise UserError("--run_dir is empty; name a new folder for the run, or leave the option out for runs/<name>")
+    run_dir = Path(run_dir)
+    require_folder(run_dir, "run directory")
+    if resume:
+        require_checkpoint(run_dir, " to resume from")
+        if not is_run(run_dir):
+            raise UserError(f"{shown(str(run_dir))} is not a tinylm run (it has no {MARKER}); --resume continues "
+                            "a folder that tinylm train wrote")
+    # A folder holding only a lock is a run being started (by rank 0, when several processes each check).
+    elif run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) and not is_run(run_dir):
+        raise UserError(f"{shown(str(run_dir))} is a folder with files of its own, not a tinylm run; tinylm writes a "
+                        "run only into a new or empty folder, and never over your files: pick another --run_dir")
+    return run_dir
 
 
 def new_dir(name: str, root: Path = Path("runs")) -> Path:
@@ -75,14 +108,15 @@ def run_name(config: str | Path | None, data: Sequence[str | Path] = (), texts: 
         name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)
     elif texts:
         name += "-texts"
-    return name
+    # A file called "a\nb.txt" must not make a folder with a line break in its name (nor a tab or an escape).
+    return re.sub(r"[\x00-\x1f\x7f]+", "_", name)
 
 
 def settings(config: str | Path | None, overrides: dict[str, Any], resume_dir: str | Path | None = None) -> Config:
     """A run's settings: the defaults, then `config` (a recipe's name or a YAML file; when resuming, the
     run's own config.yaml unless another is named), then `overrides` ({"train.max_steps": 6000, ...})."""
-    if resume_dir is not None:
-        require_checkpoint(resume_dir, " to resume from")  # before its config.yaml is read
+    if resume_dir is not None:  # a run with a checkpoint, before its config.yaml is read
+        claim(resume_dir, resume=True)
         config = config or Path(resume_dir) / CONFIG
     return config_.load(config, overrides)
 
@@ -140,15 +174,20 @@ def lock(run_dir: Path) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
-                (run_dir / LOCK).unlink()  # a run that failed before its first file leaves no empty folder
-                run_dir.rmdir()
+            if [p.name for p in run_dir.iterdir()] == [LOCK]:  # a run that failed before its first file
+                (run_dir / LOCK).unlink()  # leaves nothing behind: no lock file, no empty folder it made
+                if created:
+                    run_dir.rmdir()
             raise
 
 
 def write_files(run_dir: Path, cfg: Config, tokenizer: Path, data: dict[str, Any]) -> None:
-    """config.yaml, tokenizer.json (a copy of the file `tokenizer`) and data.json, each written atomically."""
-    contents = {CONFIG: config_.to_yaml(cfg).encode(), TOKENIZER: tokenizer.read_bytes(),
+    """The marker, config.yaml, tokenizer.json (a copy of the file `tokenizer`) and data.json, each
+    written atomically, the marker first."""
+    from tinylm import checkpoint
+
+    contents = {MARKER: b"a tinylm run directory: tinylm train may write here (--resume)\n",
+                CONFIG: config_.to_yaml(cfg).encode(), TOKENIZER: tokenizer.read_bytes(),
                 DATA: json.dumps(data, indent=2).encode()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +200,8 @@ def write_files(run_dir: Path, cfg: Config, tokenizer: Path, data: dict[str, Any
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """metrics.json, atomically; SaveError (the previous file kept) if the disk refuses."""
+    from tinylm import checkpoint
+
     path = run_dir / METRICS
     try:
         with checkpoint.atomic_file(path) as f:
@@ -238,6 +279,7 @@ class LoadedRun(NamedTuple):
 
 def load(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
     """(config, tokenizer, model, checkpoint state) of a trained run, the model on `device` in eval mode."""
+    from tinylm import checkpoint
     from tinylm.model import GPT
     from tinylm.tokenizer import TextTokenizer
 
@@ -248,12 +290,37 @@ def load(run_dir: str | Path, device: Any = "cpu") -> LoadedRun:
     state = checkpoint.require(checkpoint.load(path, map_location=device), checkpoint.RUN_KEYS, path)
     compare(trained_config(state, path), cfg, f"{run_dir / CONFIG} does not describe the weights in {path}",
             f"undo that edit of {CONFIG}")
+    check_tokenizer(tok, state, run_dir / TOKENIZER, path)
     model = GPT(cfg.model, state["vocab_size"])
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"checkpoint {path} does not match {run_dir / CONFIG}: {str(e).splitlines()[0]}") from None
+    fit_weights(model, state["model"], cfg, path)
     return LoadedRun(cfg, tok, model.to(device).eval(), state)
+
+
+def check_tokenizer(tok: Any, state: dict[str, Any], file: Path, path: Path) -> None:
+    """One line unless `tok` (from `file`) is the tokenizer the checkpoint at `path` was trained with: by its
+    identity saved there (a checkpoint from before tinylm saved it: the sha256 of the file's bytes in its
+    data fingerprint), and by its size (a token id past the model's vocabulary cannot be looked up)."""
+    saved, legacy = state.get("tokenizer") or {}, (state.get("data") or {}).get("tokenizer_sha256")
+    if saved:
+        same = saved.get("sha256") == tok.identity()["sha256"]
+    else:
+        same = legacy is None or legacy == hashlib.sha256(file.read_bytes()).hexdigest()
+    if same and tok.vocab_size <= state["vocab_size"]:
+        return
+    raise UserError(f"{file} is not the tokenizer the weights in {path} were trained with (its vocabulary holds "
+                    f"{tok.vocab_size:,} tokens, the model's {state['vocab_size']:,}"
+                    f"{'' if same else ', and its fingerprint differs'}); put back the run's own {TOKENIZER}")
+
+
+def fit_weights(model: Any, weights: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Load a checkpoint's weights into `model`, naming the setting behind any tensor of another shape."""
+    from tinylm.model import explain_mismatch
+
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"the weights in {path} do not fit the model {CONFIG} describes: "
+                        f"{explain_mismatch(model.state_dict(), weights, cfg.model) or shown(str(e))}") from None
 
 
 # ---------------------------------------------------------------- resuming
@@ -302,6 +369,8 @@ def resume(run_dir: Path, cfg: Config, texts: bool = False) -> Resume:
     """The checkpoint in run_dir, checked for continuing under cfg (the data is checked later, by
     `Resume.check_data`, so that a refusal here comes before the data is prepared). `texts`: the caller
     holds texts in memory to train on (a run trained on such texts cannot resume without them)."""
+    from tinylm import checkpoint
+
     path = require_checkpoint(run_dir, " to resume from")
     if trained_on_texts(run_dir) and not texts:
         raise UserError(f"{run_dir} was trained on texts held in memory, which a run directory does not keep; resume it "

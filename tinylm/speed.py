@@ -26,16 +26,20 @@ from tinylm import measure
 from tinylm.config import ModelConfig
 
 
+def matrix_weights(m: ModelConfig, vocab_size: int) -> int:
+    """The weights of every matrix product, the output head included (an untied one's embedding is as large)."""
+    C, H, K = m.n_embd, m.mlp_width, m.kv_heads * m.head_size
+    per_block = C * (C + 2 * K) + C * C + (3 if m.mlp == "swiglu" else 2) * C * H
+    return m.n_layer * per_block + vocab_size * C
+
+
 def flops_per_token(m: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token, the usual way (PaLM's appendix B, nanoGPT's estimate_mfu): 6 per weight of
     every matrix product (2 forward, 4 backward), the output head included, plus the attention scores and
     their weighted sum, 12 * n_layer * n_embd * block_size (causal masking not discounted). A block's
     matrices: qkv C*(C + 2K) and proj C^2 (K = n_kv_head * head size: C unless grouped-query attention),
     and the MLP's 2 (3 for SwiGLU) matrices of C*H."""
-    C, H, K = m.n_embd, m.mlp_width, m.kv_heads * m.head_size
-    per_block = C * (C + 2 * K) + C * C + (3 if m.mlp == "swiglu" else 2) * C * H
-    weights = m.n_layer * per_block + vocab_size * C
-    return 6 * weights + 12 * m.n_layer * C * m.block_size
+    return 6 * matrix_weights(m, vocab_size) + 12 * m.n_layer * m.n_embd * m.block_size
 
 
 # ---------------------------------------------------------------- GPUs: the vendors' figures

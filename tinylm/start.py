@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, speed, tblog, track
+from tinylm import checkpoint, distributed, guard, memory, rundir, speed, tblog, track
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
 from tinylm.config import Config
@@ -65,6 +65,7 @@ class Training:
     inspect: bool  # log histograms, update ratios and embeddings (rank 0, whole tensors: not under FSDP)
     flops_per_token: float  # training FLOPs per token (tinylm/speed.py), for MFU
     peak: speed.Peak | None  # the device's peak FLOP/s in the run's precision, None where not known
+    tokenizer_id: dict[str, Any] = field(default_factory=dict)  # the tokenizer's identity, saved with every checkpoint
     compile_timer: CompileTimer | None = None  # times a compiled run's first steps (its compile time)
     poisoned: dict[int, str] = field(default_factory=dict)  # steps a test makes fail: {step: "nan" or "overflow"}
     probe: Probe | None = None  # read at every evaluation (tinylm/probe.py); None: train.probe=none, or not rank 0
@@ -93,6 +94,9 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
         raise UserError(f"float16 training (train.dtype={t.dtype} on {d.device.type}) needs loss scaling, which "
                         "tinylm does with DDP only; use train.strategy=ddp, or train.dtype=float32")
     seed_everything(t.seed)
+    memory.check(cfg, d.device)  # before anything is written: a run that cannot fit leaves no folder behind
+    if run_dir is not None:
+        d.on_main(lambda: rundir.claim(run_dir, resume))  # new, empty or a run: never a folder of the user's
     run_dir = Path(run_dir) if run_dir is not None else d.from_main(rundir.new_dir(name) if d.main else None)
     d.on_main(lambda: held.enter_context(rundir.lock(run_dir)))  # one trainer per run directory
     previous = rundir.resume(run_dir, cfg, texts=texts is not None) if resume else None
@@ -152,7 +156,7 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
     faults = {**dict.fromkeys(guard.injected_steps("TINYLM_TEST_NAN_STEPS"), "nan"),
               **dict.fromkeys(guard.injected_steps("TINYLM_TEST_OVERFLOW_STEPS"), "overflow")}
     training = Training(cfg, d, run_dir, console, prep, vocab_size, data_id, learner, summary, saver, writer,
-                        blowup, inspect, flops, peak, timer, faults, probe)
+                        blowup, inspect, flops, peak, prep.tokenizer.identity(), timer, faults, probe)
     return training, state
 
 

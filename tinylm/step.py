@@ -66,6 +66,9 @@ class MicroBatch:
     x: torch.Tensor  # (batch, block) input token ids
     y: torch.Tensor  # (batch, block) the next token of each
     seed: int | None = None  # torch's seed for this micro-batch's dropout; None leaves torch's generator as is
+    # This process's share of the global batch's loss, against an equal share: 1 unless several processes
+    # split a micro-batch's sequences unevenly (3 processes, 32 sequences: 11, 11 and 10 of them).
+    weight: float = 1.0
 
 
 def dropout_seed(seed: int, step: int, micro: int) -> int:
@@ -76,10 +79,17 @@ def dropout_seed(seed: int, step: int, micro: int) -> int:
 def draw_batches(ids: np.ndarray, t: TrainConfig, block_size: int, gen: torch.Generator, step: int,
                  dist: distributed.Dist) -> list[MicroBatch]:
     """This process's micro-batches of step `step`. The global batch (train.grad_accum micro-batches of
-    train.batch_size windows) is drawn alike in every process, which then reads only its share of it."""
+    train.batch_size windows) is drawn alike in every process, which then reads only its share of it:
+    whole micro-batches when they divide evenly among the processes, else its sequences of every one."""
     starts = [batch_starts(len(ids), t.batch_size, block_size, gen) for _ in range(t.grad_accum)]
-    return [MicroBatch(*batch_windows(ids, starts[j], block_size, dist.device), dropout_seed(t.seed, step, j))
-            for j in range(dist.rank, t.grad_accum, dist.world)]
+    if dist.splits_micro_batches(t):
+        return [MicroBatch(*batch_windows(ids, starts[j], block_size, dist.device), dropout_seed(t.seed, step, j))
+                for j in range(dist.rank, t.grad_accum, dist.world)]
+    # DDP averages the processes' gradients equally: a process with fewer sequences weighs its mean loss less,
+    # so that the average is the mean over the whole global batch, as one process would take it.
+    weight = len(range(dist.rank, t.batch_size, dist.world)) * dist.world / t.batch_size
+    return [MicroBatch(*batch_windows(ids, starts[j][dist.rank :: dist.world], block_size, dist.device),
+                       dropout_seed(t.seed, step, j), weight) for j in range(t.grad_accum)]
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -117,11 +127,11 @@ def train_step(learner: Learner, batches: list[MicroBatch], lr: float, grad_clip
                 _, loss = learner.forward(batch.x, batch.y)
             if poison == "nan":
                 loss = loss * float("nan")
-            share = loss / len(batches)
+            share = (loss if batch.weight == 1 else loss * batch.weight) / len(batches)
             if poison == "overflow":
                 share = overflow_gradients(share)
             (share if scaler is None else scaler.scale(share)).backward()
-        step_loss += loss.detach().float() / len(batches)
+        step_loss += share.detach().float()
     # The global batch's mean loss, the same in every process, so the blow-up guard decides alike.
     loss = dist.average(step_loss)
     if scaler is not None:

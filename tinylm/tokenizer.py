@@ -13,6 +13,7 @@ Both reserve `<|endoftext|>`, used between documents and as the start token of a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,6 +68,11 @@ class TextTokenizer:
     def stream_decoder(self) -> decoders.DecodeStream:
         """An incremental decoder: `.step(tok.tok, id)` returns new text once it forms whole characters."""
         return decoders.DecodeStream(skip_special_tokens=False)
+
+    def identity(self) -> dict[str, object]:
+        """What identifies this tokenizer, saved with every checkpoint: the sha256 of its canonical JSON
+        (`tokenizers`' own serialisation, the same however the file was indented) and its vocabulary size."""
+        return {"sha256": hashlib.sha256(self.tok.to_str().encode()).hexdigest(), "vocab_size": self.vocab_size}
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
