@@ -59,7 +59,7 @@ bad_small = st.one_of(st.integers(-3, 0), st.floats(allow_nan=True), st.text(max
 BOUNDED = {"train.max_steps": st.integers(1, 3), "train.max_time": st.sampled_from([0, 0.5, 2]),
            "train.eval_batches": st.integers(1, 2), "train.sample_tokens": st.integers(0, 8),
            "train.grad_accum": st.integers(1, 2), "train.compile": st.sampled_from(["false", "auto", "maybe"])}
-PLACES = ["", "corpus.txt", "missing", "mine", "notes.txt", "evil", "trained", "theirs", "new", "new/deep"]
+PLACES = ["", "corpus.txt", "missing", "mine", "notes.txt", "evil", "trained", "theirs", "new", "new/deep", "x" * 300]
 CURATED = {"data.paths": st.lists(st.sampled_from(PLACES + ["utf16.txt", "binary.bin"]), max_size=2),
            "data.cache_dir": st.sampled_from(["cache", "cache2", "", "notes.txt", "mine/sub"]),
            "train.init_from": st.sampled_from(PLACES)}

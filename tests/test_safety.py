@@ -71,6 +71,7 @@ CASES = {
                            r"holds 1 block$", keep=["deeper"]),
     "sample_seed_overflow": Case(["sample", "run", "--seed", str(2**64)], r"^--seed must be between -2\*\*63 and"),
     "export_empty_out": Case(["export", "run", ""], r"^OUT_DIR is empty", keep=["mine"], absent=["config.json"]),
+    "path_too_long": Case(["train", "--config", "x" * 5000], r"^cannot use the path 'xxx.*': File name too long$"),
     "config_folder": Case(["train", "--config", "conf/"], r"^conf is a folder, not a config file"),
     "cache_dir_file": Case(["train", "--data", "corpus.txt", "--run_dir", "c", *TINY, "--data.cache_dir=notes.txt"],
                            r"^data.cache_dir 'notes.txt' is a file, not a folder", keep=["notes.txt"], absent=["c"]),
@@ -202,3 +203,8 @@ def test_a_final_save_on_a_full_disk_is_an_error_with_no_promise(tmp_path, marko
     assert warnings == [f"warning: could not write {tmp_path / 'run' / 'checkpoint.pt'}: No space left on device; "
                         "no checkpoint was saved yet; training goes on and tries again at the next save"]
     assert "tries again" not in lines[-1]
+
+
+def test_a_derived_run_name_is_one_short_line():
+    name = rundir.run_name(None, ["a\tb\x1b" + "y" * 300 + ".txt"])
+    assert name.startswith("default-a_b_y") and len(name) == rundir.NAME_CHARS

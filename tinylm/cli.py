@@ -17,6 +17,7 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -242,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             # soon as it has ended. An error of this process alone (its GPU missing) is said after the wait.
             time.sleep(RANK_ERROR_WAIT)
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):  # a path no system could use: the user's to fix
+            raise  # anything else that reached here is a bug in tinylm: its traceback helps
+        print(f"error: cannot use the path {shown(str(e.filename))}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

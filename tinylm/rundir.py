@@ -49,6 +49,7 @@ from tinylm.errors import UserError, require_folder, shown
 # whose settings are wrong fails in a fraction of a second, before torch has loaded.
 
 MARKER = ".tinylm-run"
+NAME_CHARS = 100  # the most characters of a run's derived folder name
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 DATA = "data.json"
@@ -108,8 +109,9 @@ def run_name(config: str | Path | None, data: Sequence[str | Path] = (), texts: 
         name += "-" + (Path(parse_hub(first).name).name if first.startswith(HUB) else Path(first).stem)
     elif texts:
         name += "-texts"
-    # A file called "a\nb.txt" must not make a folder with a line break in its name (nor a tab or an escape).
-    return re.sub(r"[\x00-\x1f\x7f]+", "_", name)
+    # A file called "a\nb.txt" must not make a folder with a line break in its name (nor a tab or an escape),
+    # and a file name near the system's limit (255 bytes) must leave room for "default-" and "-2".
+    return re.sub(r"[\x00-\x1f\x7f]+", "_", name)[:NAME_CHARS]
 
 
 def settings(config: str | Path | None, overrides: dict[str, Any], resume_dir: str | Path | None = None) -> Config:
