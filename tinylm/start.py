@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, rundir, speed, tblog
+from tinylm import checkpoint, distributed, guard, plan, probe, rundir, speed, tblog
+from tinylm import config as config_
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
 from tinylm.config import Config
@@ -98,6 +99,9 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
         rundir.refuse_overwrite(run_dir)
 
     prep, pretrained = prepare_data(cfg, d, console, texts)
+    plan_run(cfg, d, prep, dtype, console, resumed=previous is not None)
+    check_window("training", prep.meta["train_tokens"], cfg.model.block_size)
+    check_window("validation", prep.meta["val_tokens"], cfg.model.block_size)
     data_id = fingerprint(prep)
     if previous is not None:
         previous.check_data(data_id)
@@ -174,9 +178,36 @@ def prepare_data(cfg: Config, d: distributed.Dist, console: Console,
         f"data: {'reused' if prep.reused else 'prepared'} {prep.dir} | {prep.tokenizer.kind} tokenizer, "
         f"vocab {prep.tokenizer.vocab_size:,} | train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens"
     )
-    check_window("training", meta["train_tokens"], cfg.model.block_size)
-    check_window("validation", meta["val_tokens"], cfg.model.block_size)
     return prep, pretrained
+
+
+def plan_run(cfg: Config, d: distributed.Dist, prep: Prepared, dtype: torch.dtype | None, console: Console,
+             resumed: bool) -> None:
+    """Set what train.plan=auto plans (tinylm/plan.py) and the user left unset, and say so in `plan:`
+    lines. A resumed run keeps the settings its config.yaml recorded, planned ones included."""
+    t = cfg.train
+    if d.world == 1:
+        probe.choose_threads(d.device, dtype, console.say)
+    if t.plan == "off" or resumed or t.init_from:
+        return
+    if d.world > 1:  # each process would time its own share of the machine, and might plan differently
+        console.say("plan: off with several processes (torchrun): the settings are the config's")
+        return
+    corpus, kind, vocab = prep.meta["train_tokens"], prep.tokenizer.kind, prep.tokenizer.vocab_size
+    own_shape = any(key in cfg.explicit for key in plan.OWN_SHAPE)
+    speeds = None
+    if t.max_time and own_shape:
+        speeds = {"own": probe.speed(cfg.model, t.batch_size, vocab, d.device, dtype)[0]}
+    elif t.max_time:
+        speeds = probe.ladder_speeds(t.max_time, corpus, kind, vocab, d.device, dtype, console.say)
+    fits = min(corpus, prep.meta["val_tokens"]) - 1  # the longest context both splits hold a window of
+    p = plan.plan(t.max_time, t.max_steps, corpus, kind, speeds, cfg.explicit, tokens_per_step(cfg), fits)
+    for key, value in p.values.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    config_.validate(cfg)
+    for line in p.lines:
+        console.say(line)
 
 
 def build_model(cfg: Config, d: distributed.Dist, vocab_size: int, pretrained: Any,
