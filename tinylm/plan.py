@@ -39,7 +39,7 @@ LADDER: dict[str, tuple[int, int, int, int, int]] = {
 SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.n_head", "model.block_size")
 # Setting any of these makes the shape the user's: the plan then keeps the whole shape (and batch) as set.
 OWN_SHAPE = (*SHAPE_KEYS, "model.n_kv_head", "model.mlp_hidden", "train.init_from")
-TRAIN_SHARE = 0.9  # of the budget, the share spent on training steps (evaluations, samples, saves: the rest)
+TRAIN_SHARE = 0.95  # of the budget, the share left to training steps by logging and checkpoints
 MIN_GAIN = 0.01  # by steps: a larger shape must predict at least this much lower loss to be chosen
 
 # The fitted law (benchmarks/fit.py prints these from benchmarks/results/sweep.csv).
@@ -88,14 +88,39 @@ class Plan:
     lines: list[str] = field(default_factory=list)  # what was chosen and why, for the log
 
 
+@dataclass(frozen=True)
+class Overhead:
+    """What a run's evaluations cost out of its time budget: eval_steps training steps' worth of forward
+    passes (a forward pass is about a third of a step) and `seconds` of sampling."""
+
+    eval_steps: float = 0.0
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, evals: int, eval_batches: int, sample_tokens: int) -> Overhead:
+        # An evaluation at step 0 and `evals` more; a sampled token costs about SAMPLE_SECONDS.
+        return cls((evals + 1) * eval_batches / 3, (evals + 1) * sample_tokens * SAMPLE_SECONDS)
+
+
+SAMPLE_SECONDS = 0.003  # seconds per sampled token of a small model on a CPU (its KV cache makes it cheap)
+
+
+def budget_tokens(speed: float, tokens_per_step: int, budget_s: float, overhead: Overhead) -> float:
+    """The tokens a shape training at `speed` tokens/s trains on in budget_s, evaluations taken out."""
+    seconds = budget_s * TRAIN_SHARE - overhead.seconds - overhead.eval_steps * tokens_per_step / speed
+    return max(seconds, 0.0) * speed
+
+
 def choose(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str,
-           speeds: dict[str, float] | None, max_block: int = 10**9) -> tuple[str, float]:
+           speeds: dict[str, float] | None, max_block: int = 10**9,
+           overhead: Overhead = Overhead()) -> tuple[str, float]:
     """(the LADDER shape with the lowest predicted loss, the tokens it will train on). speeds: tokens/s
     of each shape on this machine (those missing are not candidates); None plans by max_steps alone.
     max_block: the longest context the corpus holds a window of ("" if no shape fits)."""
     def tokens(shape: str) -> float:
         by_steps = max_steps * tokens_per_step(shape)
-        return by_steps if speeds is None else min(by_steps, speeds[shape] * budget_s * TRAIN_SHARE)
+        return by_steps if speeds is None else min(by_steps, budget_tokens(speeds[shape], tokens_per_step(shape),
+                                                                          budget_s, overhead))
 
     candidates = [s for s in LADDER if (speeds is None or s in speeds) and LADDER[s][3] <= max_block]
     if not candidates:
@@ -111,22 +136,26 @@ def choose(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str,
 
 def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, speeds: dict[str, float] | None,
          explicit: frozenset[str] | set[str] = frozenset(), set_tokens_per_step: int = 0,
-         max_block: int = 10**9) -> Plan:
+         max_block: int = 10**9, overhead: Overhead = Overhead()) -> Plan:
     """The planned settings for a run, leaving out every key in `explicit` (the user's).
 
     budget_s: train.max_time (0: none, then speeds is ignored and the run is planned by max_steps);
     speeds: tokens/s per LADDER shape on this machine (tinylm/probe.py), needed only with a time limit
     and a shape to choose. set_tokens_per_step: the user's own shape's tokens per step, when the shape is
     theirs (then only dropout and warmup are planned, from max_steps or their shape's speed in speeds["own"]).
-    max_block: the longest context the corpus holds a window of (shapes with a longer one are left out)."""
+    max_block: the longest context the corpus holds a window of (shapes with a longer one are left out).
+    overhead: what the run's evaluations take out of the budget."""
     by_time = bool(budget_s) and speeds is not None
     shape, tokens = "", 0.0
     if not any(k in explicit for k in OWN_SHAPE):
-        shape, tokens = choose(budget_s, max_steps, corpus_tokens, tokenizer, speeds if by_time else None, max_block)
+        shape, tokens = choose(budget_s, max_steps, corpus_tokens, tokenizer, speeds if by_time else None, max_block,
+                               overhead)
     if not shape:
-        per_step = set_tokens_per_step
+        per_step = max(set_tokens_per_step, 1)
         speed = (speeds or {}).get("own")
-        tokens = min(max_steps * per_step, speed * budget_s * TRAIN_SHARE) if budget_s and speed else max_steps * per_step
+        tokens = max_steps * per_step
+        if budget_s and speed:
+            tokens = min(tokens, budget_tokens(speed, per_step, budget_s, overhead))
         values: dict[str, Any] = {}
     else:
         n_layer, n_embd, n_head, block, batch = LADDER[shape]

@@ -19,7 +19,7 @@ from tinylm import measure, plan
 from tinylm.config import ModelConfig, TrainConfig
 
 PROBE_SHARE = 0.05  # at most this share of the budget goes to timing shapes not yet measured
-STEPS = 4  # one untimed step (allocations, first-call costs), then the best of three
+STEPS = 4  # one untimed step (allocations, first-call costs), then the median of three
 
 
 def step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: torch.dtype | None) -> float:
@@ -40,7 +40,16 @@ def step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return measure.best_time(step, seconds=0.0, warmup=1, device=device)
+    step()  # allocations, first-call costs
+    times = []
+    for _ in range(STEPS - 1):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    # The median, not the best: on a shared machine a run's steps are slowed as its probe's are.
+    return sorted(times)[len(times) // 2]
 
 
 def shape_config(shape: str) -> tuple[ModelConfig, int]:
@@ -65,7 +74,8 @@ def speed(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: t
 
 
 def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: int, device: torch.device,
-                  dtype: torch.dtype | None, say: Callable[[str], None]) -> dict[str, float]:
+                  dtype: torch.dtype | None, say: Callable[[str], None],
+                  overhead: plan.Overhead = plan.Overhead()) -> dict[str, float]:
     """tokens/s of the ladder's shapes worth considering for this run, timed where not yet measured."""
     speeds: dict[str, float] = {}
     cap, spent, best, timed = PROBE_SHARE * budget_s, 0.0, math.inf, []
@@ -82,7 +92,7 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
         if not cached:
             spent += time.perf_counter() - began
             timed.append(shape)
-        tokens = min(speeds[shape] * budget_s * plan.TRAIN_SHARE, 1e15)
+        tokens = plan.budget_tokens(speeds[shape], batch * m.block_size, budget_s, overhead)
         loss = plan.predicted_loss(shape, tokens, corpus_tokens, tokenizer)
         if loss > best:
             break
@@ -96,11 +106,11 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
 def choose_threads(device: torch.device, dtype: torch.dtype | None, say: Callable[[str], None]) -> int:
     """Train on the number of CPU threads that steps fastest here: all of them on a quiet machine, often one
     on a busy one, where threads that wait for each other lose more than they gain (10x on a 2-core
-    machine shared with other work). Timed on a middle shape of the ladder, kept like every measurement."""
+    machine shared with other work). Timed on a small shape of the ladder, kept like every measurement."""
     most = torch.get_num_threads()
     if device.type != "cpu" or most == 1:
         return most
-    m, batch = shape_config("C")
+    m, batch = shape_config("B")
     candidates = sorted({1, max(1, most // 2), most})
 
     def time_each() -> dict[str, float]:
@@ -119,3 +129,34 @@ def choose_threads(device: torch.device, dtype: torch.dtype | None, say: Callabl
         say(f"threads: {best} of {most} ({', '.join(f'{n}: {t * 1000:.0f} ms' for n, t in times.items())} "
             f"a step{'' if cached else ', measured now'})")
     return best
+
+
+def attention_seconds(shape: list[int], dtype: torch.dtype) -> float:
+    """Seconds of causal attention's forward and backward pass on a CPU at (batch, heads, context, head size)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype).requires_grad_() for _ in range(3))
+
+    def step() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+
+    return measure.best_time(step, seconds=0.0, warmup=1)
+
+
+def choose_attention(model: torch.nn.Module, m: ModelConfig, batch: int, device: torch.device,
+                     dtype: torch.dtype | None, say: Callable[[str], None]) -> None:
+    """Under bfloat16 autocast on a CPU, run attention in whichever of bfloat16 and float32 is faster for
+    this shape on this machine (the forward and backward pass timed once, then kept), and say which."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return
+    shape = [batch, m.n_head, m.block_size, m.head_size]
+    times, cached = measure.cached("cpu_attention", {"shape": shape}, lambda: {
+        "bfloat16": attention_seconds(shape, torch.bfloat16), "float32": attention_seconds(shape, torch.float32)})
+    fp32 = times["float32"] <= times["bfloat16"]
+    for module in model.modules():
+        if hasattr(module, "cpu_attention_fp32"):
+            module.cpu_attention_fp32 = fp32
+    say(f"attention in {'float32' if fp32 else 'bfloat16'} on this CPU at {'x'.join(map(str, shape))} "
+        f"(forward + backward: bfloat16 {times['bfloat16'] * 1000:.1f} ms, float32 {times['float32'] * 1000:.1f} ms"
+        f"{', measured now' if not cached else ''})")

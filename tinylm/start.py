@@ -114,6 +114,7 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
 
     vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     model, table, summary = build_model(cfg, d, vocab_size, pretrained if previous is None else None, console)
+    probe.choose_attention(model, cfg.model, t.batch_size, d.device, dtype, console.say)
     optimizer = make_optimizer(model, t, d.device, dtype)
     console.say(describe_optimizer(optimizer, t))
     state = LoopState(torch.Generator().manual_seed(t.seed))
@@ -195,13 +196,13 @@ def plan_run(cfg: Config, d: distributed.Dist, prep: Prepared, dtype: torch.dtyp
         return
     corpus, kind, vocab = prep.meta["train_tokens"], prep.tokenizer.kind, prep.tokenizer.vocab_size
     own_shape = any(key in cfg.explicit for key in plan.OWN_SHAPE)
-    speeds = None
+    speeds, overhead = None, plan.Overhead.of(t.evals, t.eval_batches, t.sample_tokens)
     if t.max_time and own_shape:
         speeds = {"own": probe.speed(cfg.model, t.batch_size, vocab, d.device, dtype)[0]}
     elif t.max_time:
-        speeds = probe.ladder_speeds(t.max_time, corpus, kind, vocab, d.device, dtype, console.say)
+        speeds = probe.ladder_speeds(t.max_time, corpus, kind, vocab, d.device, dtype, console.say, overhead)
     fits = min(corpus, prep.meta["val_tokens"]) - 1  # the longest context both splits hold a window of
-    p = plan.plan(t.max_time, t.max_steps, corpus, kind, speeds, cfg.explicit, tokens_per_step(cfg), fits)
+    p = plan.plan(t.max_time, t.max_steps, corpus, kind, speeds, cfg.explicit, tokens_per_step(cfg), fits, overhead)
     for key, value in p.values.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
