@@ -52,10 +52,12 @@ def test_a_small_corpus_seen_many_times_gets_dropout_and_a_large_one_none():
     assert "passes over the corpus" in small.lines[0]
 
 
-def test_the_law_rewards_more_tokens_and_saturates_on_repeated_ones():
+def test_the_law_rewards_fresh_tokens_and_punishes_memorising_a_small_corpus():
     for shape in plan.LADDER:
-        losses = [plan.predicted_loss(shape, d, 10**5, "char") for d in (1e5, 1e6, 1e7)]
+        losses = [plan.predicted_loss(shape, d, 10**9, "char") for d in (1e5, 1e6, 1e7)]
         assert losses == sorted(losses, reverse=True)
+    # 100 passes over 10,000 tokens: the larger model memorises more of them
+    assert plan.predicted_loss("G", 1e6, 10**4, "bpe") > plan.predicted_loss("A", 1e6, 10**4, "bpe")
     assert plan.effective_tokens(1e12, 10**5) == pytest.approx(10**5 * plan.REPEATS)
     assert plan.effective_tokens(10, 10**9) == pytest.approx(10, rel=1e-6)
 
