@@ -10,19 +10,21 @@ from a corpus of U tokens reaches a validation loss of about
 
     L(N, D, U) = E + A / N^alpha + B / D_eff^beta + C (N / U)^gamma (D / U)^delta,   D_eff = U R (1 - exp(-D / (U R)))
 
-the data-constrained scaling law of Muennighoff et al. (2023): repeated tokens are worth less than fresh
-ones, and after R passes hardly anything (D_eff saturates at U * R), while the last term is what a model
-loses to memorising its corpus, growing with the passes over it (D / U) and faster for a large model. The constants are fitted (benchmarks/fit.py) to the sweep's
-table, benchmarks/results/sweep.csv: E, A, B per tokenizer kind (a character's loss and a BPE token's are
-on different scales), the exponents, R and C shared. E is where a corpus's own difficulty goes, and no
+after the data-constrained scaling law of Muennighoff et al. (2023): repeated tokens are worth less than
+fresh ones, and after R passes hardly anything (D_eff saturates at U * R); the last term is what a model
+loses to memorising its corpus, growing with the passes over it (D / U, held at MAX_PASSES) and faster
+for a model large for the corpus. The constants are fitted (benchmarks/fit.py) to the sweep's table,
+benchmarks/results/sweep.csv: E, A, B per tokenizer kind (a character's loss and a BPE token's are on
+different scales), the exponents, R and C shared. E is where a corpus's own difficulty goes, and no
 choice depends on it, so a corpus the sweep never saw is planned alike.
 
-With a time limit, each shape of the LADDER gets D = its measured tokens/s x the budget x TRAIN_SHARE
-tokens, and the shape with the lowest L wins; with a step limit only, D = steps x its tokens per step,
-and the largest shape whose L still improves by MIN_GAIN wins (no clock: a bigger model costs time the
-rule cannot see). Dropout follows the passes over the corpus that choice makes; warmup is a tenth of the
-expected steps, at most 30; evaluations use fewer batches where 20 would take over a tenth of the budget.
-Learning rates stay the defaults, which benchmarks/ tuned on these shapes.
+With a time limit, each shape of the LADDER gets the tokens its measured tokens/s buy in the budget, less
+what evaluations and samples take (`budget_tokens`), and the shape with the lowest L wins. With a step
+limit only, D = steps x the shape's tokens per step, and a larger shape wins only by MIN_GAIN (no clock:
+a bigger model costs time the rule cannot see). Dropout follows the passes over the corpus that choice
+makes; warmup is a tenth of the expected steps, at most 30; evaluations use fewer batches where 20 would
+take more than a tenth of the budget. Learning rates stay the defaults, which benchmarks/ tuned on these
+shapes.
 """
 
 from __future__ import annotations
