@@ -175,3 +175,19 @@ def test_the_ladder_is_valid_and_smallest_first():
                 config.ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head), 2).named_parameters()
             if name.startswith("blocks.") and p.dim() == 2)
     assert math.isfinite(plan.predicted_loss("G", 1e9, 1e9, "bpe"))
+
+
+def test_the_fit_recovers_the_law_from_a_table_the_law_wrote():
+    from benchmarks import fit
+
+    rows = []
+    for kind, corpus in (("char", 1_000_000), ("char", 60_000), ("bpe", 300_000)):
+        for shape in "ABCDE":
+            for tokens in (2e5, 5e5, 1e6):
+                n_layer, n_embd, *_ = plan.LADDER[shape]
+                rows.append({"tokenizer": kind, "corpus_tokens": corpus, "n_layer": n_layer, "n_embd": n_embd,
+                             "tokens": tokens, "val_loss": plan.predicted_loss(shape, tokens, corpus, kind)})
+    alpha, beta, repeats, gamma, delta, coef, err = fit.fit(rows)
+    assert (alpha, beta, repeats, gamma, delta) == (plan.ALPHA, plan.BETA, plan.REPEATS, plan.GAMMA, plan.DELTA)
+    assert err < 1e-6 and coef[-1] == pytest.approx(plan.MEMORISING, rel=1e-4)
+    assert coef[:3] == pytest.approx(plan.KIND["char"], rel=1e-4)
