@@ -60,7 +60,7 @@ def windows_loss(forward, ids: np.ndarray, block: int) -> float:
         for i in range(0, n, 32):
             w = np.stack([ids[s * block : s * block + block + 1] for s in range(i, min(n, i + 32))]).astype(np.int64)
             w = torch.from_numpy(w)
-            total += forward(w[:, :-1], w[:, 1:]).item() * len(w)
+            total += forward(w[:, :-1].contiguous(), w[:, 1:].contiguous()).item() * len(w)
     return total / n
 
 
@@ -112,17 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="tinylm-nanogpt-") as tmp:
         work = Path(tmp)
-        if a.nanogpt is None or not (a.nanogpt / "train.py").is_file():
-            notes.append("nanoGPT: skipped (no checkout given: --nanogpt PATH, see ../shared/anchors/nanoGPT)")
-        else:
-            loss, wall = run_nanogpt(a.nanogpt, a.corpus, text, work)
-            rows.append(("nanoGPT CPU recipe (README command, 2,000 iterations)", f"{wall:.0f} s wall", loss))
         for budget in a.budgets:
             for name in a.runs:
                 loss, lines = run_tinylm(TINYLM_RUNS[name], a.corpus, budget, work, text)
                 rows.append((name, f"max_time {budget:g} s", loss))
+                print(f"{name}, {budget:g} s: {loss:.4f}", flush=True)
                 if lines:
                     notes.append(f"{name} at {budget:g} s: {lines}")
+        if a.nanogpt is None or not (a.nanogpt / "train.py").is_file():
+            notes.append("nanoGPT: skipped (no checkout given: --nanogpt PATH, see ../shared/anchors/nanoGPT)")
+        else:
+            loss, wall = run_nanogpt(a.nanogpt, a.corpus, text, work)
+            rows.insert(0, ("nanoGPT CPU recipe (README command, 2,000 iterations)", f"{wall:.0f} s wall", loss))
     m = measure.machine()
     print(f"machine: {m['cpu']}; features {m['cpu_features']}; {os.cpu_count()} cores; torch {m['torch']}")
     print(f"validation: the last 10% of {a.corpus.name}, {len(text):,} characters, all of it\n")
