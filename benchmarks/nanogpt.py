@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (see ../shared/anchors/nanoGPT/SOURCE.md)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="tiny Shakespeare's text")
     p.add_argument("--budgets", type=float, nargs="+", default=[60.0], help="tinylm's train.max_time values")
-    p.add_argument("--runs", nargs="+", default=list(TINYLM_RUNS), choices=list(TINYLM_RUNS))
+    p.add_argument("--runs", nargs="*", default=list(TINYLM_RUNS), choices=list(TINYLM_RUNS),
+                   help="tinylm's runs (none: nanoGPT only)")
+    p.add_argument("--nanogpt_threads", type=int, default=0,
+                   help="CPU threads for nanoGPT (OMP_NUM_THREADS; 0: torch's default). On a busy machine one "
+                        "thread can be several times faster, as tinylm measures for itself")
     return p.parse_args(argv)
 
 
@@ -70,7 +74,7 @@ def score_tinylm(run_dir: Path, text: str) -> float:
     return windows_loss(lambda x, y: model(x, y)[1], ids, cfg.model.block_size)
 
 
-def run_nanogpt(checkout: Path, corpus: Path, text: str, work: Path) -> tuple[float, float]:
+def run_nanogpt(checkout: Path, corpus: Path, text: str, work: Path, threads: int = 0) -> tuple[float, float]:
     """(full-validation loss, wall seconds) of nanoGPT's CPU recipe, run in a copy of the checkout."""
     copy = work / "nanoGPT"
     shutil.copytree(checkout, copy)
@@ -81,8 +85,9 @@ def run_nanogpt(checkout: Path, corpus: Path, text: str, work: Path) -> tuple[fl
     env = {**os.environ, "PYTHONPATH": str(work / "stub")}
     subprocess.run([sys.executable, "prepare.py"], cwd=data, env=env, check=True, capture_output=True)
     start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     subprocess.run([sys.executable, "train.py", *NANOGPT_CPU, "--always_save_checkpoint=True"], cwd=copy, check=True,
-                   capture_output=True)
+                   capture_output=True, env=env)
     wall = time.perf_counter() - start
     spec = importlib.util.spec_from_file_location("nanogpt_model", copy / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -122,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.nanogpt is None or not (a.nanogpt / "train.py").is_file():
             notes.append("nanoGPT: skipped (no checkout given: --nanogpt PATH, see ../shared/anchors/nanoGPT)")
         else:
-            loss, wall = run_nanogpt(a.nanogpt, a.corpus, text, work)
-            rows.insert(0, ("nanoGPT CPU recipe (README command, 2,000 iterations)", f"{wall:.0f} s wall", loss))
+            loss, wall = run_nanogpt(a.nanogpt, a.corpus, text, work, a.nanogpt_threads)
+            threads = f", {a.nanogpt_threads} thread(s)" if a.nanogpt_threads else ""
+            rows.insert(0, (f"nanoGPT CPU recipe (README command, 2,000 iterations{threads})", f"{wall:.0f} s wall", loss))
     m = measure.machine()
     print(f"machine: {m['cpu']}; features {m['cpu_features']}; {os.cpu_count()} cores; torch {m['torch']}")
     print(f"validation: the last 10% of {a.corpus.name}, {len(text):,} characters, all of it\n")

@@ -191,3 +191,32 @@ def test_the_fit_recovers_the_law_from_a_table_the_law_wrote():
     assert (alpha, beta, repeats, gamma, delta) == (plan.ALPHA, plan.BETA, plan.REPEATS, plan.GAMMA, plan.DELTA)
     assert err < 1e-6 and coef[-1] == pytest.approx(plan.MEMORISING, rel=1e-4)
     assert coef[:3] == pytest.approx(plan.KIND["char"], rel=1e-4)
+
+
+def test_attention_precision_follows_the_measurement(monkeypatch):
+    from tinylm.model import GPT
+
+    m = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+    model, x = GPT(m, 50), torch.randint(0, 50, (2, 16))
+    for faster, fp32 in (("bfloat16", False), ("float32", True)):
+        monkeypatch.setattr(probe, "attention_seconds", lambda shape, dtype: 1.0 if str(dtype).endswith(faster) else 2.0)
+        monkeypatch.setattr(measure, "cached", lambda name, params, fn: (fn(), False))
+        lines: list[str] = []
+        probe.choose_attention(model, m, 2, CPU, torch.bfloat16, lines.append)
+        assert all(b.attn.cpu_attention_fp32 == fp32 for b in model.blocks)
+        assert lines[0].startswith(f"attention in {'float32' if fp32 else 'bfloat16'}")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(x, x)[1])
+
+
+def test_the_thread_count_follows_the_measurement(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(probe, "step_seconds", lambda *a: 0.1 * torch.get_num_threads() ** 2)  # busy: 1 is faster
+        monkeypatch.setattr(measure, "cached", lambda name, params, fn: (fn(), False))
+        lines: list[str] = []
+        assert probe.choose_threads(CPU, None, lines.append) == 1 and torch.get_num_threads() == 1
+        assert lines[0].startswith("threads: 1 of 2")
+    finally:
+        torch.set_num_threads(threads)
