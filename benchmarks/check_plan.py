@@ -1,5 +1,5 @@
 """Check the planner's rule on a corpus the sweep never saw: train every ladder shape on the tokens a time
-budget buys it on this machine (its measured speed, tinylm/probe.py), and set the measured losses beside
+budget buys it on this machine (its measured speed, tinylm/timings.py), and set the measured losses beside
 the law's (tinylm/plan.py). The rule holds where the shape it plans is the one that measures best, or
 close to it.
 
@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.sweep import one_run
 from tinylm import config as config_
-from tinylm import plan, probe
+from tinylm import plan, timings
 from tinylm.hardware import autocast_dtype
 from tinylm.prepare import prepare
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     device = torch.device("cpu")
     dtype = autocast_dtype("auto", device)
-    probe.choose_threads(device, dtype, print)
+    timings.choose_threads(device, dtype, print)
     overhead = plan.Overhead.of(8, 20, 120)  # the default run's evaluations
     for kind in a.tokenizers:
         cfg = config_.load(None, {"data.paths": [str(a.corpus)] if a.corpus else [], "data.tokenizer": kind,
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         corpus, vocab = len(prep.train), prep.tokenizer.vocab_size
         rows = []
         for shape in a.shapes:
-            m, batch = probe.shape_config(shape)
-            speed, _ = probe.speed(m, batch, vocab, device, dtype)
+            m, batch = timings.shape_config(shape)
+            speed, _ = timings.speed(m, batch, vocab, device, dtype)
             tokens = plan.budget_tokens(speed, batch * m.block_size, a.budget, overhead)
             dropout = plan.dropout_for(tokens / corpus)
             measured = one_run(prep, corpus, shape, dropout, tokens)[-1]["val_loss"]

@@ -1,4 +1,4 @@
-"""The run planner (tinylm/plan.py, tinylm/probe.py, start.plan_run): what it chooses from a measurement,
+"""The run planner (tinylm/plan.py, tinylm/timings.py, start.plan_run): what it chooses from a measurement,
 that the user's settings win over it, that a resumed run keeps it, that it can be turned off, and that
 its measurement is made once per machine."""
 
@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import markov_text
 
-from tinylm import config, measure, plan, probe, rundir
+from tinylm import config, measure, plan, rundir, timings
 from tinylm.cli import main
 from tinylm.console import Console
 from tinylm.distributed import Dist
@@ -105,23 +105,23 @@ def test_plan_off_keeps_every_default():
 def test_the_probe_is_skipped_when_cached(monkeypatch):
     cached = {}
     for shape in plan.LADDER:
-        m, batch = probe.shape_config(shape)
-        measure.store("train_step_seconds", probe.key(m, batch, 65, CPU, None), 1e-9 * plan.block_params(
+        m, batch = timings.shape_config(shape)
+        measure.store("train_step_seconds", timings.key(m, batch, 65, CPU, None), 1e-9 * plan.block_params(
             m.n_layer, m.n_embd))
         cached[shape] = True
-    monkeypatch.setattr(probe, "step_seconds", lambda *a: pytest.fail("timed a shape already measured"))
+    monkeypatch.setattr(timings, "step_seconds", lambda *a: pytest.fail("timed a shape already measured"))
     lines: list[str] = []
-    got = probe.ladder_speeds(60, SHAKESPEARE, "char", 65, CPU, None, lines.append)
+    got = timings.ladder_speeds(60, SHAKESPEARE, "char", 65, CPU, None, lines.append)
     assert got and set(got) <= set(plan.LADDER) and lines == []
 
 
 def test_the_probe_stays_within_its_share_of_the_budget(monkeypatch):
-    monkeypatch.setattr(probe, "step_seconds", lambda m, batch, *a: 1e-3 * plan.block_params(m.n_layer, m.n_embd)
+    monkeypatch.setattr(timings, "step_seconds", lambda m, batch, *a: 1e-3 * plan.block_params(m.n_layer, m.n_embd)
                         / plan.block_params(1, 64))
-    got = probe.ladder_speeds(20, SHAKESPEARE, "char", 999, CPU, None, lambda line: None)  # a vocab not yet timed
+    got = timings.ladder_speeds(20, SHAKESPEARE, "char", 999, CPU, None, lambda line: None)  # a vocab not yet timed
     # 5% of 20 s is 1 s: the guessed cost of 4 more steps of the next shape stops the probe once over it.
-    steps = sum(probe.STEPS * probe.step_seconds(*probe.shape_config(s), 0, CPU, None) for s in got)
-    assert steps <= probe.PROBE_SHARE * 20 + probe.STEPS * probe.step_seconds(*probe.shape_config(list(got)[-1]),
+    steps = sum(timings.STEPS * timings.step_seconds(*timings.shape_config(s), 0, CPU, None) for s in got)
+    assert steps <= timings.PROBE_SHARE * 20 + timings.STEPS * timings.step_seconds(*timings.shape_config(list(got)[-1]),
                                                                               0, CPU, None)
 
 
@@ -199,10 +199,10 @@ def test_attention_precision_follows_the_measurement(monkeypatch):
     m = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0)
     model, x = GPT(m, 50), torch.randint(0, 50, (2, 16))
     for faster, fp32 in (("bfloat16", False), ("float32", True)):
-        monkeypatch.setattr(probe, "attention_seconds", lambda shape, dtype: 1.0 if str(dtype).endswith(faster) else 2.0)
+        monkeypatch.setattr(timings, "attention_seconds", lambda shape, dtype: 1.0 if str(dtype).endswith(faster) else 2.0)
         monkeypatch.setattr(measure, "cached", lambda name, params, fn: (fn(), False))
         lines: list[str] = []
-        probe.choose_attention(model, m, 2, CPU, torch.bfloat16, lines.append)
+        timings.choose_attention(model, m, 2, CPU, torch.bfloat16, lines.append)
         assert all(b.attn.cpu_attention_fp32 == fp32 for b in model.blocks)
         assert lines[0].startswith(f"attention in {'float32' if fp32 else 'bfloat16'}")
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,10 +213,10 @@ def test_the_thread_count_follows_the_measurement(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(probe, "step_seconds", lambda *a: 0.1 * torch.get_num_threads() ** 2)  # busy: 1 is faster
+        monkeypatch.setattr(timings, "step_seconds", lambda *a: 0.1 * torch.get_num_threads() ** 2)  # busy: 1 is faster
         monkeypatch.setattr(measure, "cached", lambda name, params, fn: (fn(), False))
         lines: list[str] = []
-        assert probe.choose_threads(CPU, None, lines.append) == 1 and torch.get_num_threads() == 1
+        assert timings.choose_threads(CPU, None, lines.append) == 1 and torch.get_num_threads() == 1
         assert lines[0].startswith("threads: 1 of 2")
     finally:
         torch.set_num_threads(threads)

@@ -1,5 +1,5 @@
 """The run planner: the model shape, batch, warmup and dropout that the budget, the corpus and this machine's
-speed call for. Pure arithmetic: the speeds come from tinylm/probe.py, the rule from benchmarks/sweep.py.
+speed call for. Pure arithmetic: the speeds come from tinylm/timings.py, the rule from benchmarks/sweep.py.
 
     p = plan(budget_s=60, max_steps=10**6, corpus_tokens=1_003_837, tokenizer="char", speeds={...})
     p.values   # {"model.n_layer": 3, ..., "model.dropout": 0.0, "train.warmup_steps": 30}
@@ -161,7 +161,7 @@ def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, sp
     """The planned settings for a run, leaving out every key in `explicit` (the user's).
 
     budget_s: train.max_time (0: none, then speeds is ignored and the run is planned by max_steps);
-    speeds: tokens/s per LADDER shape on this machine (tinylm/probe.py), needed only with a time limit
+    speeds: tokens/s per LADDER shape on this machine (tinylm/timings.py), needed only with a time limit
     and a shape to choose. set_tokens_per_step: the user's own shape's tokens per step, when the shape is
     theirs (then only dropout and warmup are planned, from max_steps or their shape's speed in speeds["own"]).
     max_block: the longest context the corpus holds a window of (shapes with a longer one are left out).

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, plan, probe, rundir, speed, tblog
+from tinylm import checkpoint, distributed, guard, plan, rundir, speed, tblog, timings
 from tinylm import config as config_
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
@@ -114,7 +114,7 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
 
     vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     model, table, summary = build_model(cfg, d, vocab_size, pretrained if previous is None else None, console)
-    probe.choose_attention(model, cfg.model, t.batch_size, d.device, dtype, console.say)
+    timings.choose_attention(model, cfg.model, t.batch_size, d.device, dtype, console.say)
     optimizer = make_optimizer(model, t, d.device, dtype)
     console.say(describe_optimizer(optimizer, t))
     state = LoopState(torch.Generator().manual_seed(t.seed))
@@ -188,7 +188,7 @@ def plan_run(cfg: Config, d: distributed.Dist, prep: Prepared, dtype: torch.dtyp
     lines. A resumed run keeps the settings its config.yaml recorded, planned ones included."""
     t = cfg.train
     if d.world == 1:
-        probe.choose_threads(d.device, dtype, console.say)
+        timings.choose_threads(d.device, dtype, console.say)
     if t.plan == "off" or resumed or t.init_from:
         return
     if d.world > 1:  # each process would time its own share of the machine, and might plan differently
@@ -198,9 +198,9 @@ def plan_run(cfg: Config, d: distributed.Dist, prep: Prepared, dtype: torch.dtyp
     own_shape = any(key in cfg.explicit for key in plan.OWN_SHAPE)
     speeds, overhead = None, plan.Overhead.of(t.evals, t.eval_batches, t.sample_tokens)
     if t.max_time and own_shape:
-        speeds = {"own": probe.speed(cfg.model, t.batch_size, vocab, d.device, dtype)[0]}
+        speeds = {"own": timings.speed(cfg.model, t.batch_size, vocab, d.device, dtype)[0]}
     elif t.max_time:
-        speeds = probe.ladder_speeds(t.max_time, corpus, kind, vocab, d.device, dtype, console.say, overhead)
+        speeds = timings.ladder_speeds(t.max_time, corpus, kind, vocab, d.device, dtype, console.say, overhead)
     fits = min(corpus, prep.meta["val_tokens"]) - 1  # the longest context both splits hold a window of
     p = plan.plan(t.max_time, t.max_steps, corpus, kind, speeds, cfg.explicit, tokens_per_step(cfg), fits, overhead)
     for key, value in p.values.items():

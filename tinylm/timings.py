@@ -2,9 +2,12 @@
 ladder at, timed on the real training step (model, autocast precision, optimizer) and kept per machine
 and torch version (tinylm/measure.py), so that only a machine's first run pays for it.
 
-Shapes are timed smallest first, and the probe stops at the first shape the planner would not prefer
+Shapes are timed smallest first, stopping at the first shape the planner would not prefer
 to the one before it (the predicted loss, tinylm/plan.py, has one minimum along the ladder), or when the
-next shape's steps would take the probe past PROBE_SHARE of the budget.
+next shape's steps would take the timing past PROBE_SHARE of the budget.
+
+Two kernel choices are timed here too, once per machine: the number of CPU threads (`choose_threads`)
+and, under bfloat16 autocast on a CPU, the precision attention runs in (`choose_attention`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, d
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    # The median, not the best: on a shared machine a run's steps are slowed as its probe's are.
+    # The median, not the best: on a shared machine a run's steps are slowed as these are.
     return sorted(times)[len(times) // 2]
 
 
