@@ -157,7 +157,7 @@ class TrainConfig:
                                     "stop the run")
     strategy: str = setting("ddp", "with several processes (torchrun): ddp (whole model in each) or fsdp "
                                    "(sharded)", ("ddp", "fsdp"))
-    plan: str = setting("auto", "auto: choose the model's shape, batch size, dropout and warmup from the time budget, "
+    plan: str = setting("auto", "auto: choose the model's shape, batch size, dropout, warmup and eval_batches from the time budget, "
                                 "the corpus's size and this machine's measured speed (docs/planner.md); every "
                                 "setting given in a config file or on the command line wins over the plan. off: "
                                 "the fixed defaults", ("auto", "off"))
