@@ -157,10 +157,10 @@ class TrainConfig:
                                     "stop the run")
     strategy: str = setting("ddp", "with several processes (torchrun): ddp (whole model in each) or fsdp "
                                    "(sharded)", ("ddp", "fsdp"))
-    plan: str = setting("auto", "auto: choose the model's shape, batch size, dropout, warmup and eval_batches from the time budget, "
-                                "the corpus's size and this machine's measured speed (docs/planner.md); every "
-                                "setting given in a config file or on the command line wins over the plan. off: "
-                                "the fixed defaults", ("auto", "off"))
+    plan: str = setting("auto", "auto: choose the model's shape, batch size, dropout, warmup and eval_batches from "
+                                "the time budget, the corpus's size and this machine's measured speed "
+                                "(docs/planner.md); every setting given in a config file or on the command line "
+                                "wins over the plan. off: the fixed defaults", ("auto", "off"))
     init_from: str = setting("", "a GPT-2 or Llama-family folder (transformers' save_pretrained, tinylm export's "
                                  "among them) to fine-tune: its weights, shape and tokenizer")
 
