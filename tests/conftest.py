@@ -51,6 +51,7 @@ def tiny_config(tmp_path: Path, paths: list, **sections) -> Config:
     t.eval_interval, t.eval_batches, t.log_interval, t.sample_tokens = 20, 4, 5, 20
     t.evals, t.save_interval = 0, 0.0  # evaluations and checkpoints every eval_interval steps, and only then
     t.lr, t.min_lr, t.device, t.dtype = 3e-3, 3e-4, "cpu", "float32"
+    t.plan = "off"  # the settings above as they are (tests of the planner turn it on)
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)

@@ -4,6 +4,7 @@ Only argument parsing and friendly errors live here: a `UserError` from anywhere
 `error: ...` line on stderr and exit status 2, never a traceback.
 
     tinylm train [--config NAME_OR_FILE] [--data PATH ...] [--run_dir DIR] [--resume RUN_DIR] [--init_from HF_DIR]
+                 [--plan auto|off]
                  [--section.field=VALUE ...]       (tinylm train --help lists every setting and recipe)
     tinylm sample RUN_DIR [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P]
                   [--seed S] [--num_samples N] [--show_probs] [-i]
@@ -77,7 +78,12 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--init_from", metavar="DIR", help="fine-tune a GPT-2 or Llama folder (transformers' "
                    "save_pretrained): its weights, shape and tokenizer (same as --train.init_from=DIR)")
+    p.add_argument("--plan", choices=("auto", "off"), help="auto (the default): choose the model's size, batch, "
+                   "dropout and warmup from the budget, the corpus and this machine (docs/planner.md); off: the "
+                   "fixed defaults (same as --train.plan=VALUE)")
     args = p.parse_args(rest)
+    if args.plan:
+        overrides["train.plan"] = args.plan
     if args.data:
         overrides["data.paths"] = args.data
     if args.init_from:

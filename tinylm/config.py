@@ -159,6 +159,10 @@ class TrainConfig:
                                     "stop the run")
     strategy: str = setting("ddp", "with several processes (torchrun): ddp (whole model in each) or fsdp "
                                    "(sharded)", ("ddp", "fsdp"))
+    plan: str = setting("auto", "auto: choose the model's shape, batch size, dropout, warmup and eval_batches from "
+                                "the time budget, the corpus's size and this machine's measured speed "
+                                "(docs/planner.md); every setting given in a config file or on the command line "
+                                "wins over the plan. off: the fixed defaults", ("auto", "off"))
     init_from: str = setting("", "a GPT-2 or Llama-family folder (transformers' save_pretrained, tinylm export's "
                                  "among them) to fine-tune: its weights, shape and tokenizer")
     probe: str = setting("", "a text the model reads at every evaluation: its next-token candidates, loss per token "
@@ -180,9 +184,12 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Every `section.field` set by a config file or an override (`apply`): the user's, which the planner
+    # (tinylm/plan.py) leaves alone. Not a setting: config.yaml and comparisons ignore it.
+    explicit: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
 
 def all_keys() -> list[str]:
@@ -337,6 +344,7 @@ def apply(cfg: Config, values: dict[str, Any], source: str = "command line") -> 
         if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
             raise _unknown_key(key)
         setattr(getattr(cfg, section), name, _coerce(key, value, _field_kind(cls, name)))
+        cfg.explicit.add(key)
     return cfg
 
 

@@ -112,6 +112,7 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.cpu_attention_fp32 = True  # under bfloat16 autocast on a CPU: attention in float32 (see forward)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,11 +148,13 @@ class CausalSelfAttention(nn.Module):
                 gqa = {"enable_gqa": True}
             else:
                 k, v = expand_kv(k, self.n_head), expand_kv(v, self.n_head)
-        dtype, cpu_bf16 = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
+        dtype = q.dtype
+        cpu_bf16 = self.cpu_attention_fp32 and q.device.type == "cpu" and q.dtype == torch.bfloat16
         if cpu_bf16:
-            # PyTorch's CPU attention kernel is faster in float32 than in bfloat16 (its bf16 backward is
-            # 1.5-3x slower here), so on a CPU attention runs in float32, outside autocast (which would
-            # cast it back), and only the weight matrix products run in bfloat16.
+            # On many CPUs PyTorch's attention kernel is faster in float32 than in bfloat16 (its bf16 backward
+            # 1.5-5x slower at small shapes); where so, attention runs in float32, outside autocast (which
+            # would cast it back), and only the weight matrix products in bfloat16. Which is faster depends on
+            # the CPU and the shape: tinylm/probe.py's choose_attention times both and sets this.
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinylm import checkpoint, distributed, guard, memory, rundir, speed, tblog, track
+from tinylm import checkpoint, distributed, guard, memory, plan, rundir, speed, tblog, timings, track
+from tinylm import config as config_
 from tinylm.anatomy import describe_architecture, format_parameter_table, parameter_summary, parameter_table
 from tinylm.batches import check_window
 from tinylm.config import Config
@@ -104,6 +105,9 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
         rundir.refuse_overwrite(run_dir)
 
     prep, pretrained = prepare_data(cfg, d, console, texts)
+    plan_run(cfg, d, prep, dtype, console, resumed=previous is not None)
+    check_window("training", prep.meta["train_tokens"], cfg.model.block_size)
+    check_window("validation", prep.meta["val_tokens"], cfg.model.block_size)
     data_id = fingerprint(prep)
     if previous is not None:
         previous.check_data(data_id)
@@ -116,6 +120,7 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
 
     vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     model, table, summary = build_model(cfg, d, vocab_size, pretrained if previous is None else None, console)
+    timings.choose_attention(model, cfg.model, t.batch_size, d.device, dtype, console.say)
     optimizer = make_optimizer(model, t, d.device, dtype)
     console.say(describe_optimizer(optimizer, t))
     state = LoopState(torch.Generator().manual_seed(t.seed))
@@ -185,9 +190,36 @@ def prepare_data(cfg: Config, d: distributed.Dist, console: Console,
         f"data: {'reused' if prep.reused else 'prepared'} {prep.dir} | {prep.tokenizer.kind} tokenizer, "
         f"vocab {prep.tokenizer.vocab_size:,} | train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens"
     )
-    check_window("training", meta["train_tokens"], cfg.model.block_size)
-    check_window("validation", meta["val_tokens"], cfg.model.block_size)
     return prep, pretrained
+
+
+def plan_run(cfg: Config, d: distributed.Dist, prep: Prepared, dtype: torch.dtype | None, console: Console,
+             resumed: bool) -> None:
+    """Set what train.plan=auto plans (tinylm/plan.py) and the user left unset, and say so in `plan:`
+    lines. A resumed run keeps the settings its config.yaml recorded, planned ones included."""
+    t = cfg.train
+    if d.world == 1:
+        timings.choose_threads(d.device, dtype, console.say)
+    if t.plan == "off" or resumed or t.init_from:
+        return
+    if d.world > 1:  # each process would time its own share of the machine, and might plan differently
+        console.say("plan: off with several processes (torchrun): the settings are the config's")
+        return
+    corpus, kind, vocab = prep.meta["train_tokens"], prep.tokenizer.kind, prep.tokenizer.vocab_size
+    own_shape = any(key in cfg.explicit for key in plan.OWN_SHAPE)
+    speeds, overhead = None, plan.Overhead.of(t.evals, t.eval_batches, t.sample_tokens)
+    if t.max_time and own_shape:
+        speeds = {"own": timings.speed(cfg.model, t.batch_size, vocab, d.device, dtype)[0]}
+    elif t.max_time:
+        speeds = timings.ladder_speeds(t.max_time, corpus, kind, vocab, d.device, dtype, console.say, overhead)
+    fits = min(corpus, prep.meta["val_tokens"]) - 1  # the longest context both splits hold a window of
+    p = plan.plan(t.max_time, t.max_steps, corpus, kind, speeds, cfg.explicit, tokens_per_step(cfg), fits, overhead)
+    for key, value in p.values.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    config_.validate(cfg)
+    for line in p.lines:
+        console.say(line)
 
 
 def build_model(cfg: Config, d: distributed.Dist, vocab_size: int, pretrained: Any,

@@ -1,0 +1,222 @@
+"""The run planner (tinylm/plan.py, tinylm/timings.py, start.plan_run): what it chooses from a measurement,
+that the user's settings win over it, that a resumed run keeps it, that it can be turned off, and that
+its measurement is made once per machine."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import markov_text
+
+from tinylm import config, measure, plan, rundir, timings
+from tinylm.cli import main
+from tinylm.console import Console
+from tinylm.distributed import Dist
+from tinylm.loop import train
+from tinylm.start import plan_run
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs, and no timing of thread counts (conftest.py)
+SHAKESPEARE = 1_003_837  # tiny Shakespeare's training split in characters
+
+
+def speeds(scale: float = 1.0) -> dict[str, float]:
+    """Tokens/s of each ladder shape on an imagined machine: inversely proportional to the parameters."""
+    return {s: scale * 4e9 / plan.block_params(*plan.LADDER[s][:2]) for s in plan.LADDER}
+
+
+def test_the_plan_is_a_function_of_the_measurement():
+    a = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds())
+    b = plan.plan(60, 10**6, SHAKESPEARE, "char", dict(reversed(list(speeds().items()))))
+    assert a == b and a.values["model.n_layer"] in {s[0] for s in plan.LADDER.values()}
+    assert [line[:6] for line in a.lines] == ["plan: ", "plan: "]
+    assert "budget 60 s" in a.lines[0] and "tokens/s" in a.lines[0]
+
+
+def test_more_compute_never_plans_a_smaller_model():
+    sizes = []
+    for budget in (5, 20, 60, 180, 600, 3600):
+        chosen = plan.plan(budget, 10**9, SHAKESPEARE, "char", speeds()).values
+        sizes.append(plan.block_params(chosen["model.n_layer"], chosen["model.n_embd"]))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_a_small_corpus_seen_many_times_gets_dropout_and_a_large_one_none():
+    small = plan.plan(600, 10**9, 20_000, "bpe", speeds())
+    large = plan.plan(10, 10**9, 10**9, "bpe", speeds())
+    assert small.values["model.dropout"] > 0 and large.values["model.dropout"] == 0
+    assert "passes over the corpus" in small.lines[0]
+
+
+def test_the_law_rewards_fresh_tokens_and_punishes_memorising_a_small_corpus():
+    for shape in plan.LADDER:
+        losses = [plan.predicted_loss(shape, d, 10**9, "char") for d in (1e5, 1e6, 1e7)]
+        assert losses == sorted(losses, reverse=True)
+    # 100 passes over 10,000 tokens: the larger model memorises more of them
+    assert plan.predicted_loss("G", 1e6, 10**4, "bpe") > plan.predicted_loss("A", 1e6, 10**4, "bpe")
+    assert plan.effective_tokens(1e12, 10**5) == pytest.approx(10**5 * plan.REPEATS)
+    assert plan.effective_tokens(10, 10**9) == pytest.approx(10, rel=1e-6)
+
+
+def test_explicit_settings_win_over_the_plan():
+    own = plan.plan(60, 10**6, SHAKESPEARE, "char", {"own": 10_000.0}, explicit={"model.n_layer", "model.dropout"},
+                    set_tokens_per_step=2048)
+    assert set(own.values) == {"train.warmup_steps"}  # the shape is theirs as a whole, and so is dropout
+    assert "the model's shape is yours" in own.lines[0]
+    none = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds(), explicit=set(plan.plan(
+        60, 10**6, SHAKESPEARE, "char", speeds()).values))
+    assert none.values == {}
+
+
+def test_by_steps_the_plan_needs_no_measurement_and_shapes_fit_the_corpus():
+    by_steps = plan.plan(0, 2000, SHAKESPEARE, "char", None)
+    assert by_steps.values["model.n_layer"] >= 1 and "2,000 steps" in by_steps.lines[0]
+    tiny = plan.plan(0, 2000, 100, "char", None, max_block=99)
+    assert tiny.values["model.block_size"] <= 99
+
+
+def test_config_files_and_overrides_are_explicit(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("model:\n  dropout: 0.3\ntrain:\n  lr: 0.001\n")
+    cfg = rundir.settings(str(f), {"train.max_steps": 5})
+    assert cfg.explicit == {"model.dropout", "train.lr", "train.max_steps"}
+    assert "model.n_layer" in rundir.settings("shakespeare_char_cpu", {}).explicit  # a recipe's values count
+    assert config.load(None) == config.Config()  # explicitness is no setting: configs still compare equal
+
+
+def stub_prep(train_tokens: int, val_tokens: int, kind: str = "char", vocab: int = 65) -> SimpleNamespace:
+    return SimpleNamespace(meta={"train_tokens": train_tokens, "val_tokens": val_tokens},
+                           tokenizer=SimpleNamespace(kind=kind, vocab_size=vocab))
+
+
+def test_plan_off_keeps_every_default():
+    cfg = config.load(None, {"train.plan": "off"})
+    lines: list[str] = []
+    plan_run(cfg, Dist(CPU), stub_prep(SHAKESPEARE, 100_000), None, Console(write=lines.append), resumed=False)
+    expected = config.Config()
+    expected.train.plan = "off"
+    assert cfg == expected and not [line for line in lines if line.startswith("plan:")]
+
+
+def test_the_probe_is_skipped_when_cached(monkeypatch):
+    cached = {}
+    for shape in plan.LADDER:
+        m, batch = timings.shape_config(shape)
+        measure.store("train_step_seconds", timings.key(m, batch, 65, CPU, None), 1e-9 * plan.block_params(
+            m.n_layer, m.n_embd))
+        cached[shape] = True
+    monkeypatch.setattr(timings, "step_seconds", lambda *a: pytest.fail("timed a shape already measured"))
+    lines: list[str] = []
+    got = timings.ladder_speeds(60, SHAKESPEARE, "char", 65, CPU, None, lines.append)
+    assert got and set(got) <= set(plan.LADDER) and lines == []
+
+
+def test_the_probe_stays_within_its_share_of_the_budget(monkeypatch):
+    monkeypatch.setattr(timings, "step_seconds", lambda m, batch, *a: 1e-3 * plan.block_params(m.n_layer, m.n_embd)
+                        / plan.block_params(1, 64))
+    got = timings.ladder_speeds(20, SHAKESPEARE, "char", 999, CPU, None, lambda line: None)  # a vocab not yet timed
+    # 5% of 20 s is 1 s: the guessed cost of 4 more steps of the next shape stops the probe once over it.
+    steps = sum(timings.STEPS * timings.step_seconds(*timings.shape_config(s), 0, CPU, None) for s in got)
+    assert steps <= timings.PROBE_SHARE * 20 + timings.STEPS * timings.step_seconds(*timings.shape_config(list(got)[-1]),
+                                                                              0, CPU, None)
+
+
+def run_args(tmp_path, **overrides):
+    corpus = tmp_path / "markov.txt"
+    if not corpus.exists():
+        corpus.write_text(markov_text(6000))
+    values = {"data.paths": [str(corpus)], "data.tokenizer": "char", "data.cache_dir": str(tmp_path / "cache"),
+              "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+              "train.batch_size": 8, "train.max_steps": 4, "train.max_time": 0, "train.eval_batches": 2,
+              "train.sample_tokens": 0, "train.device": "cpu", "train.dtype": "float32", **overrides}
+    return values
+
+
+def test_a_run_records_its_plan_and_a_resumed_run_keeps_it(tmp_path):
+    lines: list[str] = []
+    cfg = config.load(None, run_args(tmp_path))
+    train(cfg, run_dir=tmp_path / "run", console=Console(write=lines.append))
+    planned = [line for line in lines if line.startswith("plan:")]
+    assert len(planned) == 2 and "the model's shape is yours" in planned[0]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["n_embd"] == 32 and saved["train"]["warmup_steps"] == 1  # 4 steps: a tenth, at least 1
+    assert saved["model"]["dropout"] == plan.dropout_for(4 * 8 * 32 / 5400)
+
+    lines.clear()
+    resumed = rundir.settings(None, {"train.max_steps": 8}, resume_dir=tmp_path / "run")
+    train(resumed, run_dir=tmp_path / "run", resume=True, console=Console(write=lines.append))
+    assert not [line for line in lines if line.startswith("plan:")]
+    again = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert again["train"]["warmup_steps"] == 1 and again["train"]["max_steps"] == 8  # not re-planned for 8 steps
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--plan", "maybe"], "--plan: invalid choice: 'maybe'"),
+    (["--train.plan=maybe"], "config key 'train.plan' must be one of auto, off, got 'maybe'"),
+])
+def test_bad_plan_settings_are_one_line_errors(argv, words, capsys):
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err
+
+
+def test_the_ladder_is_valid_and_smallest_first():
+    sizes = [plan.block_params(*shape[:2]) for shape in plan.LADDER.values()]
+    assert sizes == sorted(sizes)
+    for n_layer, n_embd, n_head, block, batch in plan.LADDER.values():
+        config.validate(config.load(None, {"model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
+                                           "model.block_size": block, "train.batch_size": batch}))
+        assert plan.block_params(n_layer, n_embd) == sum(
+            p.numel() for name, p in __import__("tinylm.model", fromlist=["GPT"]).GPT(
+                config.ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head), 2).named_parameters()
+            if name.startswith("blocks.") and p.dim() == 2)
+    assert math.isfinite(plan.predicted_loss("G", 1e9, 1e9, "bpe"))
+
+
+def test_the_fit_recovers_the_law_from_a_table_the_law_wrote():
+    from benchmarks import fit
+
+    rows = []
+    for kind, corpus in (("char", 1_000_000), ("char", 60_000), ("bpe", 300_000)):
+        for shape in "ABCDE":
+            for tokens in (2e5, 5e5, 1e6):
+                n_layer, n_embd, *_ = plan.LADDER[shape]
+                rows.append({"tokenizer": kind, "corpus_tokens": corpus, "n_layer": n_layer, "n_embd": n_embd,
+                             "tokens": tokens, "val_loss": plan.predicted_loss(shape, tokens, corpus, kind)})
+    alpha, beta, repeats, gamma, delta, coef, err = fit.fit(rows)
+    assert (alpha, beta, repeats, gamma, delta) == (plan.ALPHA, plan.BETA, plan.REPEATS, plan.GAMMA, plan.DELTA)
+    assert err < 1e-6 and coef[-1] == pytest.approx(plan.MEMORISING, rel=1e-4)
+    assert coef[:3] == pytest.approx(plan.KIND["char"], rel=1e-4)
+
+
+def test_attention_precision_follows_the_measurement(monkeypatch):
+    from tinylm.model import GPT
+
+    m = config.ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+    model, x = GPT(m, 50), torch.randint(0, 50, (2, 16))
+    for faster, fp32 in (("bfloat16", False), ("float32", True)):
+        monkeypatch.setattr(timings, "attention_seconds", lambda shape, dtype: 1.0 if str(dtype).endswith(faster) else 2.0)
+        monkeypatch.setattr(measure, "cached", lambda name, params, fn: (fn(), False))
+        lines: list[str] = []
+        timings.choose_attention(model, m, 2, CPU, torch.bfloat16, lines.append)
+        assert all(b.attn.cpu_attention_fp32 == fp32 for b in model.blocks)
+        assert lines[0].startswith(f"attention in {'float32' if fp32 else 'bfloat16'}")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(x, x)[1])
+
+
+def test_the_thread_count_follows_the_measurement(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(timings, "step_seconds", lambda *a: 0.1 * torch.get_num_threads() ** 2)  # busy: 1 is faster
+        monkeypatch.setattr(measure, "cached", lambda name, params, fn: (fn(), False))
+        lines: list[str] = []
+        assert timings.choose_threads(CPU, None, lines.append) == 1 and torch.get_num_threads() == 1
+        assert lines[0].startswith("threads: 1 of 2")
+    finally:
+        torch.set_num_threads(threads)

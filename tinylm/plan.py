@@ -1,0 +1,211 @@
+"""The run planner: the model shape, batch, warmup and dropout that the budget, the corpus and this machine's
+speed call for. Pure arithmetic: the speeds come from tinylm/timings.py, the rule from benchmarks/sweep.py.
+
+    p = plan(budget_s=60, max_steps=10**6, corpus_tokens=1_003_837, tokenizer="char", speeds={...})
+    p.values   # {"model.n_layer": 3, ..., "model.dropout": 0.0, "train.warmup_steps": 30}
+    p.lines    # ["plan: budget 60 s; this machine trains ...", "plan: ..."]
+
+The rule. A model of N parameters (in its blocks, embeddings not counted) that trains on D tokens drawn
+from a corpus of U tokens reaches a validation loss of about
+
+    L(N, D, U) = E + A / N^alpha + B / D_eff^beta + C (N / U)^gamma (D / U)^delta,   D_eff = U R (1 - exp(-D / (U R)))
+
+after the data-constrained scaling law of Muennighoff et al. (2023): repeated tokens are worth less than
+fresh ones, and after R passes hardly anything (D_eff saturates at U * R); the last term is what a model
+loses to memorising its corpus, growing with the passes over it (D / U, held at MAX_PASSES) and faster
+for a model large for the corpus. The constants are fitted (benchmarks/fit.py) to the sweep's table,
+benchmarks/results/sweep.csv: E, A, B per tokenizer kind (a character's loss and a BPE token's are on
+different scales), the exponents, R and C shared. E is where a corpus's own difficulty goes, and no
+choice depends on it, so a corpus the sweep never saw is planned alike.
+
+With a time limit, each shape of the LADDER gets the tokens its measured tokens/s buy in the budget, less
+what evaluations and samples take (`budget_tokens`), and the shape with the lowest L wins. With a step
+limit only, D = steps x the shape's tokens per step, and a larger shape wins only by MIN_GAIN (no clock:
+a bigger model costs time the rule cannot see). Dropout follows the passes over the corpus that choice
+makes; warmup is a tenth of the expected steps, at most 30; evaluations use fewer batches where 20 would
+take more than a tenth of the budget. Learning rates stay the defaults, which benchmarks/ tuned on these
+shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# (n_layer, n_embd, n_head, block_size, batch_size), smallest first. A-E are the shapes the sweep trained;
+# F and G (for fast machines: a GPU, a big CPU) are predicted by the fitted law beyond its data.
+LADDER: dict[str, tuple[int, int, int, int, int]] = {
+    "A": (1, 64, 2, 64, 32), "B": (2, 96, 3, 64, 32), "C": (3, 128, 4, 64, 32), "D": (4, 192, 4, 128, 32),
+    "E": (4, 256, 4, 128, 32), "F": (6, 384, 6, 256, 16), "G": (8, 512, 8, 256, 16),
+}
+SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.n_head", "model.block_size")
+# Setting any of these makes the shape the user's: the plan then keeps the whole shape (and batch) as set.
+OWN_SHAPE = (*SHAPE_KEYS, "model.n_kv_head", "model.mlp_hidden", "train.init_from")
+TRAIN_SHARE = 0.95  # of the budget, the share left to training steps by logging and checkpoints
+MIN_GAIN = 0.01  # by steps: a larger shape must predict at least this much lower loss to be chosen
+
+# The fitted law (benchmarks/fit.py prints these from benchmarks/results/sweep.csv).
+ALPHA, BETA, REPEATS, GAMMA, DELTA = 1.0, 0.6, 8.0, 0.5, 2.0
+# The most passes over a corpus the sweep measured: the memorising term is held there beyond (where the
+# plan's dropout, which the fit did not see, takes over), rather than extrapolated to absurd losses.
+MAX_PASSES = 17.0
+KIND = {  # tokenizer kind: (E, A, B)
+    "char": (1.12567, 12720.4, 2041.88),
+    "bpe": (3.66782, 12354.6, 2346.01),
+}
+MEMORISING = 0.000531868  # C: one for both kinds (only character runs on a small corpus measured it)
+# Dropout by passes over the corpus, (below this many passes, this dropout): in the sweep 0.1 lost to none up
+# to 10 passes (4 layers, 192 wide, on 60 k characters), tied at 8 and won from 12 on (3 layers, 128 wide);
+# the default recipe's 0.1 won at 10 passes of the built-in corpus (4 layers, 256 wide: config.py).
+DROPOUT = ((10.0, 0.0), (math.inf, 0.1))
+
+
+def block_params(n_layer: int, n_embd: int) -> int:
+    """Parameters in the transformer blocks of the default (Llama) architecture: attention's 4 C^2 and
+    SwiGLU's 3 C H, H = 8/3 C rounded up to a multiple of 64 (tinylm/config.py's mlp_width)."""
+    hidden = 64 * math.ceil(8 * n_embd / 3 / 64)
+    return n_layer * (4 * n_embd * n_embd + 3 * n_embd * hidden)
+
+
+def effective_tokens(tokens: float, corpus_tokens: float) -> float:
+    """What `tokens` drawn from a corpus of corpus_tokens are worth as fresh tokens (Muennighoff et al.)."""
+    limit = corpus_tokens * REPEATS
+    return limit * -math.expm1(-tokens / limit)
+
+
+def predicted_loss(shape: str, tokens: float, corpus_tokens: float, tokenizer: str) -> float:
+    """The law's validation loss for a LADDER shape trained on `tokens` from a corpus of corpus_tokens."""
+    e, a, b = KIND[tokenizer]
+    n = block_params(*LADDER[shape][:2])
+    d = effective_tokens(max(tokens, 1.0), corpus_tokens)
+    passes = min(tokens / corpus_tokens, MAX_PASSES)  # not extrapolated past the sweep's data
+    return e + a / n**ALPHA + b / d**BETA + MEMORISING * (n / corpus_tokens) ** GAMMA * passes**DELTA
+
+
+def tokens_per_step(shape: str) -> int:
+    *_, block, batch = LADDER[shape]
+    return block * batch
+
+
+def dropout_for(passes: float) -> float:
+    return next(p for bound, p in DROPOUT if passes < bound)
+
+
+@dataclass(frozen=True)
+class Plan:
+    values: dict[str, Any]  # config key -> planned value (the keys the user set explicitly left out)
+    lines: list[str] = field(default_factory=list)  # what was chosen and why, for the log
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """What a run's evaluations cost out of its time budget: `evaluations` of up to `eval_batches` batches
+    each (a batch's forward pass is about a third of a training step), and `seconds` of sampling."""
+
+    evaluations: int = 0
+    eval_batches: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, evals: int, eval_batches: int, sample_tokens: int) -> Overhead:
+        # One evaluation at step 0 and `evals` more; a sampled token costs about SAMPLE_SECONDS.
+        return cls(evals + 1, eval_batches, (evals + 1) * sample_tokens * SAMPLE_SECONDS)
+
+    def batches(self, speed: float, tokens_per_step: int, budget_s: float) -> int:
+        """Batches per evaluation: eval_batches, fewer (down to MIN_EVAL_BATCHES) where evaluating would
+        take more than EVAL_SHARE of the budget."""
+        if not self.evaluations:
+            return self.eval_batches
+        affordable = EVAL_SHARE * budget_s * speed / (self.evaluations * tokens_per_step / 3)
+        return int(max(MIN_EVAL_BATCHES, min(self.eval_batches, affordable)))
+
+
+SAMPLE_SECONDS = 0.003  # seconds per sampled token of a small model on a CPU (its KV cache makes it cheap)
+EVAL_SHARE, MIN_EVAL_BATCHES = 0.1, 4
+
+
+def budget_tokens(speed: float, tokens_per_step: int, budget_s: float, overhead: Overhead) -> float:
+    """The tokens a shape training at `speed` tokens/s trains on in budget_s, evaluations taken out."""
+    eval_steps = overhead.evaluations * overhead.batches(speed, tokens_per_step, budget_s) / 3
+    seconds = budget_s * TRAIN_SHARE - overhead.seconds - eval_steps * tokens_per_step / speed
+    return max(seconds, 0.0) * speed
+
+
+def choose(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str,
+           speeds: dict[str, float] | None, max_block: int = 10**9,
+           overhead: Overhead = Overhead()) -> tuple[str, float]:
+    """(the LADDER shape with the lowest predicted loss, the tokens it will train on). speeds: tokens/s
+    of each shape on this machine (those missing are not candidates); None plans by max_steps alone.
+    max_block: the longest context the corpus holds a window of ("" if no shape fits)."""
+    def tokens(shape: str) -> float:
+        by_steps = max_steps * tokens_per_step(shape)
+        return by_steps if speeds is None else min(by_steps, budget_tokens(speeds[shape], tokens_per_step(shape),
+                                                                          budget_s, overhead))
+
+    candidates = [s for s in LADDER if (speeds is None or s in speeds) and LADDER[s][3] <= max_block]
+    if not candidates:
+        return "", 0.0
+    best = candidates[0]
+    for shape in candidates[1:]:
+        gain = predicted_loss(best, tokens(best), corpus_tokens, tokenizer) - predicted_loss(
+            shape, tokens(shape), corpus_tokens, tokenizer)
+        if gain > (MIN_GAIN if speeds is None else 0.0):
+            best = shape
+    return best, tokens(best)
+
+
+def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, speeds: dict[str, float] | None,
+         explicit: frozenset[str] | set[str] = frozenset(), set_tokens_per_step: int = 0,
+         max_block: int = 10**9, overhead: Overhead = Overhead()) -> Plan:
+    """The planned settings for a run, leaving out every key in `explicit` (the user's).
+
+    budget_s: train.max_time (0: none, then speeds is ignored and the run is planned by max_steps);
+    speeds: tokens/s per LADDER shape on this machine (tinylm/timings.py), needed only with a time limit
+    and a shape to choose. set_tokens_per_step: the user's own shape's tokens per step, when the shape is
+    theirs (then only dropout and warmup are planned, from max_steps or their shape's speed in speeds["own"]).
+    max_block: the longest context the corpus holds a window of (shapes with a longer one are left out).
+    overhead: what the run's evaluations take out of the budget."""
+    by_time = bool(budget_s) and speeds is not None
+    shape, tokens = "", 0.0
+    if not any(k in explicit for k in OWN_SHAPE):
+        shape, tokens = choose(budget_s, max_steps, corpus_tokens, tokenizer, speeds if by_time else None, max_block,
+                               overhead)
+    if not shape:
+        per_step = max(set_tokens_per_step, 1)
+        speed = (speeds or {}).get("own")
+        tokens = max_steps * per_step
+        if budget_s and speed:
+            tokens = min(tokens, budget_tokens(speed, per_step, budget_s, overhead))
+        values: dict[str, Any] = {}
+    else:
+        n_layer, n_embd, n_head, block, batch = LADDER[shape]
+        per_step = block * batch
+        values = {"model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
+                  "model.block_size": block, "train.batch_size": batch}
+    passes = tokens / max(corpus_tokens, 1)
+    steps = tokens / per_step
+    speed = (speeds or {}).get(shape or "own")
+    if budget_s and speed and overhead.evaluations:
+        values["train.eval_batches"] = overhead.batches(speed, per_step, budget_s)
+    values["model.dropout"] = dropout_for(passes)
+    values["train.warmup_steps"] = int(min(30, max(1, steps // 10)))
+    values = {k: v for k, v in values.items() if k not in explicit}
+    return Plan(values, describe(budget_s, max_steps, shape, tokens, corpus_tokens, speeds, values))
+
+
+def describe(budget_s: float, max_steps: int, shape: str, tokens: float, corpus_tokens: int,
+             speeds: dict[str, float] | None, values: dict[str, Any]) -> list[str]:
+    """The `plan:` lines: what the budget buys on this machine, and what was chosen."""
+    limit = f"budget {budget_s:g} s" if budget_s and speeds is not None else f"budget {max_steps:,} steps"
+    if shape:
+        n_layer, n_embd, *_ = LADDER[shape]
+        what = f"a {n_layer}-layer {n_embd}-wide model"
+        rate = f"this machine trains {what} at {speeds[shape]:,.0f} tokens/s; " if speeds and budget_s else f"{what}: "
+    else:
+        rate = "the model's shape is yours; "
+    passes = tokens / max(corpus_tokens, 1)
+    chosen = ", ".join(f"{k.split('.')[1]}={v}" for k, v in values.items()) or "nothing (every setting is yours)"
+    return [f"plan: {limit}; {rate}{tokens / 1e6:.2g} M tokens = {passes:.2g} passes over the corpus "
+            f"({corpus_tokens:,} tokens)",
+            f"plan: {chosen} (train.plan=off or --plan off for the fixed defaults)"]
