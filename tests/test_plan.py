@@ -218,5 +218,10 @@ def test_the_thread_count_follows_the_measurement(monkeypatch):
         lines: list[str] = []
         assert timings.choose_threads(CPU, None, lines.append) == 1 and torch.get_num_threads() == 1
         assert lines[0].startswith("threads: 1 of 2")
+        torch.set_num_threads(2)  # quiet: one thread about as fast as two (within THREADS_MARGIN) keeps both
+        monkeypatch.setattr(timings, "step_seconds", lambda *a: 0.1 / torch.get_num_threads() ** 0.1)
+        lines.clear()
+        assert timings.choose_threads(CPU, None, lines.append) == 2 and torch.get_num_threads() == 2
+        assert lines == ["threads: 2 of 2 (1: 100 ms, 2: 93 ms a step, measured now)"]
     finally:
         torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ from tinylm.config import ModelConfig, TrainConfig
 
 PROBE_SHARE = 0.05  # at most this share of the budget goes to timing shapes not yet measured
 STEPS = 4  # one untimed step (allocations, first-call costs), then the median of three
+THREADS_MARGIN = 1.2  # fewer threads than the CPU has only when a step is this many times faster on them
 
 
 def step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: torch.dtype | None) -> float:
@@ -107,13 +108,14 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
 
 
 def choose_threads(device: torch.device, dtype: torch.dtype | None, say: Callable[[str], None]) -> int:
-    """Train on the number of CPU threads that steps fastest here: all of them on a quiet machine, often one
-    on a busy one, where threads that wait for each other lose more than they gain (10x on a 2-core
-    machine shared with other work). Timed on a small shape of the ladder, kept like every measurement."""
+    """Train on all CPU threads unless fewer step clearly faster here (by THREADS_MARGIN): on a busy machine
+    threads that wait for each other lose more than they gain (2-10x on a 2-core machine shared with other
+    work), while on a quiet one a small model steps about as fast on one thread as on all, and a larger one
+    (what the budget may buy) faster on all. Timed on a mid-ladder shape, kept like every measurement."""
     most = torch.get_num_threads()
     if device.type != "cpu" or most == 1:
         return most
-    m, batch = shape_config("B")
+    m, batch = shape_config("C")
     candidates = sorted({1, max(1, most // 2), most})
 
     def time_each() -> dict[str, float]:
@@ -125,7 +127,8 @@ def choose_threads(device: torch.device, dtype: torch.dtype | None, say: Callabl
         return times
 
     times, cached = measure.cached("threads", {"candidates": candidates, "dtype": str(dtype)}, time_each)
-    best = int(min(times, key=times.get))
+    fastest = int(min(times, key=times.get))
+    best = fastest if times[str(fastest)] * THREADS_MARGIN < times[str(most)] else most
     if best != most:
         torch.set_num_threads(best)
     if not cached or best != most:
