@@ -206,6 +206,11 @@ def describe(budget_s: float, max_steps: int, shape: str, tokens: float, corpus_
         rate = "the model's shape is yours; "
     passes = tokens / max(corpus_tokens, 1)
     chosen = ", ".join(f"{k.split('.')[1]}={v}" for k, v in values.items()) or "nothing (every setting is yours)"
-    return [f"plan: {limit}; {rate}{tokens / 1e6:.2g} M tokens = {passes:.2g} passes over the corpus "
+    return [f"plan: {limit}; {rate}{count(tokens)} tokens = {passes:.2g} passes over the corpus "
             f"({corpus_tokens:,} tokens)",
             f"plan: {chosen} (train.plan=off or --plan off for the fixed defaults)"]
+
+
+def count(tokens: float) -> str:
+    """A token count for the log: "2.4 M" from 100,000 on, else the number ("12,288")."""
+    return f"{tokens / 1e6:.2g} M" if tokens >= 1e5 else f"{tokens:,.0f}"
