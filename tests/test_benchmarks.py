@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, markov_text
 
@@ -28,6 +29,7 @@ def test_full_validation_loss_covers_every_window(tmp_path):
     assert math.isclose(full_val_loss(tr, batch=7), sum(losses) / n, rel_tol=1e-4)
 
 
+@pytest.mark.slow  # the whole benchmark at toy sizes; its parts are tested above
 def test_run_prints_the_table_and_writes_json(tmp_path):
     (tmp_path / "c.txt").write_text(markov_text(20_000))
     out = tmp_path / "r.json"

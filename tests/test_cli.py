@@ -30,6 +30,7 @@ def unprivileged() -> list[str]:
     return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"]
 
 
+@pytest.mark.slow  # test_docs runs the README's train and sample too
 def test_train_then_sample_end_to_end(tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text("It was the best of times, it was the worst of times.\n" * 300)

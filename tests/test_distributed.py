@@ -133,6 +133,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
         assert s1 == s2 and abs(v1 - v2) < TOLERANCE
 
 
+@pytest.mark.slow  # two torchrun launches
 def test_resume_across_a_change_in_the_number_of_processes(runs):
     work, cfg = runs["work"], runs["cfg"]
     longer = copy.deepcopy(cfg)
