@@ -84,3 +84,19 @@ def test_a_bad_track_setting_is_one_line(spec, message):
     chosen, _ = track.choose("blocks.0.mlp.fc.weight[1,2], tok_emb.weight[5,0]", model, 0)
     assert [t.label for t in chosen] == ["blocks.0.mlp.fc.weight[1,2]", "tok_emb.weight[5,0]"]
     assert track.choose("none", model, 0) == ([], "")
+
+
+
+def test_a_bad_track_setting_leaves_no_run_behind(tmp_path):
+    """train.track is checked against the built model before the run's files are written."""
+    from conftest import markov_text, tiny_config
+
+    from tinylm.loop import train
+
+    (tmp_path / "m.txt").write_text(markov_text(20_000))
+    cfg = tiny_config(tmp_path, [tmp_path / "m.txt"], data={"tokenizer": "char"})
+    cfg.train.track = "nope.weight[1,2]"
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="no parameter nope.weight"):
+        train(cfg, run)
+    assert not [p.name for p in run.glob("*")]  # no config.yaml, tokenizer.json, data.json or event file

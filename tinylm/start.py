@@ -116,10 +116,13 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
         d.on_main(lambda: rundir.remove_stale_temps(run_dir))
     tokenizer_file = prep.dir / "tokenizer.json"  # the data cache's (data.fingerprint hashes the same file)
     data = {**prep.meta, "cache": str(prep.dir), rundir.IN_MEMORY: texts is not None}
-    d.on_main(lambda: rundir.write_files(run_dir, cfg, tokenizer_file, data))
-
     vocab_size = pretrained.vocab_size if pretrained else prep.tokenizer.vocab_size
     model, table, summary = build_model(cfg, d, vocab_size, pretrained if previous is None else None, console)
+    inspect = d.main and d.strategy != "fsdp"  # FSDP: each process holds a shard of each tensor
+    probe = make_probe(t.probe, prep.tokenizer, prep.val, cfg.model.block_size) if inspect else None
+    tracked, note = track.choose(t.track, model, t.seed) if inspect else ([], "")
+    # Written once train.probe and train.track are known to fit the model: a bad one leaves no run behind.
+    d.on_main(lambda: rundir.write_files(run_dir, cfg, tokenizer_file, data))
     timings.choose_attention(model, cfg.model, t.batch_size, d.device, dtype, console.say)
     optimizer = make_optimizer(model, t, d.device, dtype)
     console.say(describe_optimizer(optimizer, t))
@@ -147,11 +150,8 @@ def start(cfg: Config, d: distributed.Dist, run_dir: str | Path | None, resume: 
                                    console.say) if d.main else distributed.NullWriter())
     if peak is not None:  # MFU's denominator, beside it (speed/mfu_percent)
         writer.add_scalar("speed/peak_tflops", peak.flops / 1e12, state.step)
-    inspect = d.main and d.strategy != "fsdp"  # FSDP: each process holds a shard of each tensor
-    probe = make_probe(t.probe, prep.tokenizer, prep.val, cfg.model.block_size) if inspect else None
     if inspect:
         tblog.watch_updates(optimizer, model, writer, lambda: state.step + 1, t.log_interval)  # update/weight ratios
-        tracked, note = track.choose(t.track, model, t.seed)
         if tracked:  # a few single numbers, their gradients and moments (track/)
             console.say(note or track.describe(tracked))
             track.watch(optimizer, model, writer, tracked, lambda: state.step + 1, t.log_interval)
