@@ -92,6 +92,21 @@ def test_eval_interval_still_counts_and_evals_zero_turns_the_marks_off():
     assert [step for step, _ in simulate(t, [1.0])["evaluate"]] == [15, 30]
 
 
+def test_eval_interval_and_the_marks_merge_instead_of_evaluating_twice_in_a_row():
+    # A 60 s run of 1,250 steps: the marks fall every ~156 steps, and eval_interval's 250, 500, 750 and
+    # 1,000 each came within a few dozen steps of one (250 and 304, 469 and 500, ...): now the marks alone.
+    t = TrainConfig(max_time=60, max_steps=10**6, eval_interval=250, save_interval=0)
+    done = simulate(t, [60 / 1250])
+    evaluated = [step for step, _ in done["evaluate"]]
+    assert len(evaluated) == 8 and all(step % 250 for step in evaluated[:-1])
+    assert evaluated[-1] == done["end"][0][0]
+    # Where eval_interval is finer than the marks (150 steps against 200) it keeps the evaluations that
+    # are at least half its spacing (75 steps) from a mark's: 300, 900 and 1,500, not 150, 450, 750, ...
+    t = TrainConfig(max_steps=1600, max_time=0, eval_interval=150, save_interval=0)
+    assert [step for step, _ in simulate(t, [1.0])["evaluate"]] == [200, 300, 400, 600, 800, 900, 1000, 1200,
+                                                                   1400, 1500, 1600]
+
+
 def test_a_real_run_evaluates_at_its_marks_and_a_resumed_one_goes_on_from_them(tmp_path):
     (tmp_path / "m.txt").write_text(markov_text(4000))
     cfg = tiny_config(tmp_path, [tmp_path / "m.txt"], data={"tokenizer": "char"},

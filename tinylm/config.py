@@ -132,7 +132,9 @@ class TrainConfig:
                                    "max_steps and max_time ends the run")
     max_time: float = setting(180.0, "seconds of training at most (0 = no limit); the run stops at max_steps or "
                                      "max_time, whichever comes first")
-    eval_interval: int = setting(250, "steps between evaluations (validation loss, a sample) and checkpoint saves")
+    eval_interval: int = setting(250, "steps between evaluations (validation loss, a sample) and checkpoint saves; "
+                                      "one that would come within half a spacing of an evaluation at one of the "
+                                      "evals marks is left to that one")
     evals: int = setting(8, "evaluations spread evenly over the run besides eval_interval's (each at the next "
                             "eighth, for 8, of the way to max_steps or max_time, whichever is nearer), so any "
                             "run has at least this many whatever the machine's speed (0 = eval_interval only)")

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from tinylm import checkpoint, distributed, guard, probe, rundir, snapshots, tblog
+from tinylm import checkpoint, distributed, guard, probe, rundir, snapshots, tblog, timings
 from tinylm.config import Config, TrainConfig
 from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
@@ -81,17 +81,30 @@ def marks(progress_: float, n: int) -> int:
 def due(state: LoopState, t: TrainConfig) -> Due:
     """What the step just taken calls for besides itself: the loop's one decision of when.
 
-    Evaluations come every eval_interval steps and at each of train.evals marks spread over the run's
-    progress (its share of max_steps or of max_time, whichever is nearer, as the learning rate's decay
-    counts it), so a slow machine that manages 37 steps in 3 minutes still draws eight points of every
-    validation curve. Checkpoints come with every evaluation and at least every train.save_interval
-    seconds of training, so a kill loses at most that much work. Losses are logged every log_interval
-    steps and at LOG_POINTS marks."""
+    Evaluations come at each of train.evals marks spread over the run's progress (its share of max_steps
+    or of max_time, whichever is nearer, as the learning rate's decay counts it), so a slow machine that
+    manages 37 steps in 3 minutes still draws eight points of every validation curve, and every
+    eval_interval steps, except where a mark's evaluation is less than half a spacing away (`near_a_mark`):
+    the two cadences merge instead of evaluating twice in a row. Checkpoints come with every evaluation
+    and at least every train.save_interval seconds of training, so a kill loses at most that much work.
+    Losses are logged every log_interval steps and at LOG_POINTS marks."""
     p = progress(state.step, state.elapsed, t)
     log = state.step % t.log_interval == 0 or marks(p, LOG_POINTS) > state.log_mark
-    evaluate_now = state.step % t.eval_interval == 0 or marks(p, t.evals) > state.eval_mark
+    at_mark = marks(p, t.evals) > state.eval_mark
+    by_steps = state.step % t.eval_interval == 0 and not near_a_mark(state, t, p)
     by_time = bool(t.save_interval) and state.elapsed - state.saved_at >= t.save_interval
-    return Due(log=log, evaluate=evaluate_now, save=evaluate_now or by_time)
+    return Due(log=log, evaluate=at_mark or by_steps, save=at_mark or by_steps or by_time)
+
+
+def near_a_mark(state: LoopState, t: TrainConfig, p: float) -> bool:
+    """Whether an eval_interval evaluation at progress p would come within half a spacing of a mark's
+    evaluation, the last one or the next one; the spacing is the finer of the marks' and eval_interval's
+    (converted to progress at the run's pace so far), so a fine eval_interval keeps its evaluations."""
+    if not t.evals:
+        return False
+    spacing = min(1 / t.evals, t.eval_interval * p / state.step) if state.step else 1 / t.evals
+    next_mark = (state.eval_mark + 1) / t.evals
+    return p - state.mark_evaluated < spacing / 2 or next_mark - p < spacing / 2
 
 
 def mark_done(state: LoopState, t: TrainConfig, when: Due) -> None:
@@ -100,6 +113,8 @@ def mark_done(state: LoopState, t: TrainConfig, when: Due) -> None:
     if when.log:
         state.log_mark = marks(p, LOG_POINTS)
     if when.evaluate:
+        if marks(p, t.evals) > state.eval_mark:
+            state.mark_evaluated = p
         state.eval_mark = marks(p, t.evals)
     if when.save:
         state.saved_at = state.elapsed
@@ -254,6 +269,7 @@ def log_step(tr: Training, state: LoopState, lr: float, loss: torch.Tensor, grad
     times tokens/s, over the peak of every process's device)."""
     loss_value = loss.item()  # the only host sync in the step, and only every log_interval
     tr.guard.poll()
+    state.speeds.append(tokens_per_sec)
     scalars = {"train/loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "speed/tokens_per_sec": tokens_per_sec}
     shown = {"loss": f"{loss_value:.3f}", "tok_s": f"{tokens_per_sec:,.0f}"}
     if tr.peak is not None:
@@ -288,6 +304,11 @@ def finish_run(tr: Training, state: LoopState) -> None:
     tr.writer.add_scalar("time/elapsed_sec", state.elapsed, state.step)
     if tr.inspect:
         tblog.log_embeddings(tr.writer, tr.learner.model, tr.prep.tokenizer, state.step)
+    if tr.d.world == 1 and tr.compile_timer is None and len(state.speeds) > 4:  # the planner's timings still true?
+        t, m = tr.cfg.train, tr.cfg.model
+        real = sorted(state.speeds[1:])[(len(state.speeds) - 1) // 2]  # the median, the first (warm-up) left out
+        timings.check_kept_speed(m, t.batch_size, tr.vocab_size, tr.learner.device, tr.learner.dtype, real,
+                                 tr.console.say)
 
 
 def result(tr: Training, state: LoopState, signum: int = 0) -> TrainResult:

@@ -44,7 +44,9 @@ class LoopState:
     # Where the cadence stands (tinylm/loop.py's `due`), derived again from step and elapsed on resume:
     log_mark: int = 0  # of the run's LOG_POINTS evenly spaced marks, how many had a logged loss
     eval_mark: int = 0  # of its train.evals marks, how many had an evaluation
+    mark_evaluated: float = 0.0  # the progress at the latest of them (the start's evaluation is at 0)
     saved_at: float = 0.0  # elapsed seconds at the last checkpoint (or the start)
+    speeds: list[float] = field(default_factory=list)  # this session's logged training tokens/s (not saved)
 
 
 @dataclass
