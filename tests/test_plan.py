@@ -65,11 +65,27 @@ def test_the_law_rewards_fresh_tokens_and_punishes_memorising_a_small_corpus():
 def test_explicit_settings_win_over_the_plan():
     own = plan.plan(60, 10**6, SHAKESPEARE, "char", {"own": 10_000.0}, explicit={"model.n_layer", "model.dropout"},
                     set_tokens_per_step=2048)
-    assert set(own.values) == {"train.warmup_steps"}  # the shape is theirs as a whole, and so is dropout
+    # the shape is theirs as a whole, and so is dropout; the step limit they left to the clock
+    assert set(own.values) == {"train.warmup_steps", "train.max_steps"}
     assert "the model's shape is yours" in own.lines[0]
     none = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds(), explicit=set(plan.plan(
         60, 10**6, SHAKESPEARE, "char", speeds()).values))
     assert none.values == {}
+
+
+def test_with_a_time_limit_the_clock_ends_the_run_unless_the_user_set_max_steps():
+    fast = speeds(scale=100.0)  # a machine that trains 3,000 steps of any shape in well under the budget
+    free = plan.plan(600, 3000, SHAKESPEARE, "char", fast)
+    steps = free.values["train.max_steps"]
+    per_step = free.values["model.block_size"] * free.values["train.batch_size"]
+    passes = float(free.lines[0].split(" passes")[0].rsplit("= ", 1)[1])
+    assert steps > 3000 and steps >= 2 * passes * SHAKESPEARE / per_step * 0.9  # twice what the clock allows
+    assert plan.round_up(steps) == steps
+    capped = plan.plan(600, 3000, SHAKESPEARE, "char", fast, explicit={"train.max_steps"})
+    assert "train.max_steps" not in capped.values
+    assert float(capped.lines[0].split(" passes")[0].rsplit("= ", 1)[1]) < passes
+    assert "train.max_steps" not in plan.plan(0, 3000, SHAKESPEARE, "char", None).values  # by steps: theirs
+    assert [plan.round_up(n) for n in (1, 99, 4817, 120_001)] == [1, 99, 4900, 130_000]
 
 
 def test_by_steps_the_plan_needs_no_measurement_and_shapes_fit_the_corpus():
@@ -225,3 +241,33 @@ def test_the_thread_count_follows_the_measurement(monkeypatch):
         assert lines == ["threads: 2 of 2 (1: 100 ms, 2: 93 ms a step, measured now)"]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_run_far_from_its_kept_timing_drops_this_machines_timings(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path / "measurements"))
+    m, batch = timings.shape_config("B")
+    shape_key = timings.key(m, batch, 65, CPU, None)
+    measure.store("train_step_seconds", shape_key, 0.01)  # 204,800 tokens/s
+    measure.store("threads", {"candidates": [1, 2], "dtype": "None"}, {"1": 0.1, "2": 0.05})
+    lines: list[str] = []
+    assert not timings.check_kept_speed(m, batch, 65, CPU, None, 150_000.0, lines.append)  # within 1.5x
+    assert measure.lookup("train_step_seconds", shape_key) == 0.01 and lines == []
+    assert timings.check_kept_speed(m, batch, 65, CPU, None, 50_000.0, lines.append)
+    assert measure.lookup("train_step_seconds", shape_key) is None
+    assert measure.lookup("threads", {"candidates": [1, 2], "dtype": "None"}) is None
+    assert "50,000 tokens/s" in lines[0] and "204,800" in lines[0] and "busier" in lines[0]
+
+
+def test_a_real_run_checks_the_timing_kept_for_its_shape(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path / "measurements"))
+    (tmp_path / "m.txt").write_text(markov_text(4000))
+    cfg = tiny_config(tmp_path, [tmp_path / "m.txt"], data={"tokenizer": "char"}, train={"sample_tokens": 0})
+    kept = [timings.key(cfg.model, cfg.train.batch_size, 2**k, CPU, None) for k in range(1, 9)]  # any vocabulary
+    for k in kept:
+        measure.store("train_step_seconds", k, 1e-7)  # billions of tokens/s: no CPU trains this fast
+    lines: list[str] = []
+    train(cfg, run_dir=tmp_path / "run", console=Console(write=lines.append))
+    assert all(measure.lookup("train_step_seconds", k) is None for k in kept)
+    assert [line for line in lines if line.startswith("speed: this run trained at")]

@@ -145,6 +145,16 @@ def store(name: str, params: dict[str, Any], value: Any) -> None:
     _write(path, entries)
 
 
+def forget(name: str) -> int:
+    """Drop this machine's measurements called `name` (every parameter set); returns how many there were."""
+    path = cache_path()
+    entries, here = _read(path), machine()
+    stale = [k for k, e in entries.items() if isinstance(e, dict) and e.get("name") == name and e.get("machine") == here]
+    if stale:
+        _write(path, {k: e for k, e in entries.items() if k not in stale})
+    return len(stale)
+
+
 def cached(name: str, params: dict[str, Any], measure: Callable[[], Any]) -> tuple[Any, bool]:
     """(the measurement, whether it came from the cache): measure() runs only if this machine has no
     entry for (name, params) yet. Its result must be plain JSON data."""

@@ -107,6 +107,29 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
     return speeds
 
 
+STALE = 1.5  # a run whose real speed differs from its shape's kept timing by this factor makes them all stale
+
+
+def check_kept_speed(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: torch.dtype | None,
+                     tokens_per_s: float, say: Callable[[str], None]) -> bool:
+    """Compare a run's real training speed with the timing kept for its shape. Timings are kept for good, but
+    the machine's load changes: one taken while other work ran (or while none did) would plan every later
+    run for a machine that no longer exists. Where the two differ by STALE or more, this machine's step and
+    thread timings are dropped, so the next run times them afresh (about two seconds). True if dropped."""
+    kept = measure.lookup("train_step_seconds", key(m, batch, vocab, device, dtype))
+    if kept is None or not tokens_per_s > 0:
+        return False
+    expected = batch * m.block_size / kept
+    if max(expected / tokens_per_s, tokens_per_s / expected) < STALE:
+        return False
+    measure.forget("train_step_seconds")
+    measure.forget("threads")
+    say(f"speed: this run trained at {tokens_per_s:,.0f} tokens/s, the timing kept for its shape said {expected:,.0f}; "
+        f"the machine is {'busier' if tokens_per_s < expected else 'quieter'} than when it was timed, so the kept "
+        f"timings are dropped and the next run times it afresh")
+    return True
+
+
 def choose_threads(device: torch.device, dtype: torch.dtype | None, say: Callable[[str], None]) -> int:
     """Train on all CPU threads unless fewer step clearly faster here (by THREADS_MARGIN): on a busy machine
     threads that wait for each other lose more than they gain (2-10x on a 2-core machine shared with other
