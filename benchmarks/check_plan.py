@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.sweep import one_run
 from tinylm import config as config_
-from tinylm import plan, timings
+from tinylm import measure, plan, timings
 from tinylm.hardware import autocast_dtype
 from tinylm.prepare import prepare
 
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         speeds = {shape: speed for shape, speed, *_ in rows}
         chosen, _ = plan.choose(a.budget, 10**9, corpus, kind, speeds, overhead=overhead)
         ref = {r[0]: r for r in rows}[chosen]
+        m = measure.machine()
         print(f"\n{a.corpus or 'built-in corpus'}, {kind}: {corpus:,} training tokens, budget {a.budget:g} s; "
-              f"planned shape {chosen}\n")
+              f"planned shape {chosen}\nmachine: {m['cpu']}, {m['cpu_threads']} threads, CPU features "
+              f"{m['cpu_features']}, torch {m['torch']}\n")
         print("| shape | tokens/s | tokens | passes | dropout | val loss | vs planned | law: vs planned |")
         print("|---|---|---|---|---|---|---|---|")
         for shape, speed, tokens, dropout, measured, law in rows:

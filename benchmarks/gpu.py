@@ -178,7 +178,8 @@ def fmt(value: float | None, pattern: str, missing: str = "-") -> str:
 
 def table(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"machine: gpu {m['gpu']}; cpu {m['cpu']} ({m['cpu_threads']} threads); torch {m['torch']}", ""]
+    lines = [f"machine: gpu {m['gpu']}; cpu {m['cpu']} ({m['cpu_threads']} threads, features {m['cpu_features']}); "
+             f"torch {m['torch']}", ""]
     rows: list[tuple[str, str]] = []
     if "tests" in r:
         x = r["tests"]

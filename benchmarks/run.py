@@ -37,6 +37,7 @@ from benchmarks.common import (
 )
 from benchmarks.levers import run_levers
 from benchmarks.suites import budget_run, sampling, throughput
+from tinylm import measure
 from tinylm.hardware import cpu_has_fast_bf16, pick_device
 from tinylm.speed import flops_per_token
 
@@ -165,13 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": str(torch.__version__),
-            "threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    """The machine the figures were measured on, its CPU's matrix features included (tinylm/measure.py)."""
+    m = measure.machine()
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": m["torch"],
+            "threads": torch.get_num_threads(), "cpu": m["cpu"], "cpu_features": m["cpu_features"],
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -187,7 +186,8 @@ def table(r: dict[str, Any], a: argparse.Namespace) -> str:
         rows.append((label, show(base), show(tuned), rat))
 
     m = r["machine"]
-    head = [f"machine: {m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}"]
+    head = [f"machine: {m.get('gpu') or m['cpu']}, {m['threads']} threads, CPU features "
+            f"{m.get('cpu_features', 'not recorded')}, torch {m['torch']}"]
     if "peak_flops" in r:
         p = r["peak_flops"]
         head.append(f"matrix-product peak: float32 {p['float32'] / 1e9:,.0f} GFLOP/s, bfloat16 {p['bfloat16'] / 1e9:,.0f} GFLOP/s")

@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import DEFAULT_CORPUS, REPO, Trainer
 from tinylm import config as config_
-from tinylm import plan
+from tinylm import measure, plan
 from tinylm.hardware import autocast
 from tinylm.prepare import Prepared, prepare
 
@@ -111,6 +111,8 @@ def one_run(prep: Prepared, corpus_tokens: int, shape: str, dropout: float, run_
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    m = measure.machine()
+    print(f"machine: {m['cpu']}, {a.threads} thread(s), CPU features {m['cpu_features']}, torch {m['torch']}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     preps = {kind: corpus(a.corpus, kind, a.cache_dir) for kind in ("char", "bpe")}
     with open(a.out, "w", newline="") as f:
