@@ -271,3 +271,18 @@ def test_a_real_run_checks_the_timing_kept_for_its_shape(tmp_path, monkeypatch):
     train(cfg, run_dir=tmp_path / "run", console=Console(write=lines.append))
     assert all(measure.lookup("train_step_seconds", k) is None for k in kept)
     assert [line for line in lines if line.startswith("speed: this run trained at")]
+
+
+def test_character_models_of_the_swept_shapes_get_their_embedding_learning_rate_and_bpe_keeps_the_default():
+    char = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds())
+    chosen = (char.values["model.n_layer"], char.values["model.n_embd"])
+    shape = next(s for s, v in plan.LADDER.items() if v[:2] == chosen)
+    assert shape in plan.LR_SHAPES
+    assert char.values["train.lr"] == plan.EMBEDDING_LR["char"] and char.values["train.min_lr"] == pytest.approx(
+        plan.EMBEDDING_LR["char"] / 10)
+    assert "train.lr" not in plan.plan(60, 10**6, SHAKESPEARE, "bpe", speeds()).values
+    for mine in ({"train.lr"}, {"train.min_lr"}):  # either of them set: both are the user's
+        values = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds(), explicit=mine).values
+        assert "train.lr" not in values and "train.min_lr" not in values
+    big = plan.plan(3600, 10**9, 10**9, "char", speeds(scale=1e4))  # a GPU-fast machine: F or G, not swept
+    assert big.values["model.n_embd"] >= 384 and "train.lr" not in big.values
