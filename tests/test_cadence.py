@@ -1,4 +1,4 @@
-"""When a run evaluates, logs and saves (tinylm/loop.py's `due`): by steps, and by its progress and its
+"""When a run evaluates, logs and saves (tinylm/cadence.py's `due`): by steps, and by its progress and its
 clock, so that every run draws curves and a kill loses at most about a minute, whatever the machine."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tinylm import checkpoint, rundir
+from tinylm.cadence import LOG_POINTS, due, finished, mark_done
 from tinylm.config import TrainConfig
 from tinylm.console import QUIET
-from tinylm.loop import LOG_POINTS, due, finished, mark_done, train
+from tinylm.loop import train
 from tinylm.start import LoopState
 
 

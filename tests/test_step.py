@@ -10,10 +10,10 @@ import torch
 from conftest import markov_text
 
 from tinylm.batches import batch_starts
+from tinylm.cadence import due, finished
 from tinylm.config import ModelConfig, TrainConfig
 from tinylm.distributed import Dist
 from tinylm.guard import BlowUpGuard
-from tinylm.loop import due, finished
 from tinylm.model import GPT
 from tinylm.optim import make_optimizer
 from tinylm.start import LoopState

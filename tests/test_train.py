@@ -6,10 +6,11 @@ from conftest import tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tinylm import rundir
+from tinylm.cadence import LOG_POINTS
 from tinylm.config import TrainConfig
 from tinylm.console import QUIET, Console
 from tinylm.errors import UserError
-from tinylm.loop import LOG_POINTS, train
+from tinylm.loop import train
 from tinylm.model import GPT
 from tinylm.optim import learning_rate, make_optimizer
 

@@ -41,7 +41,7 @@ class LoopState:
     elapsed: float = 0.0
     best_val: float = math.inf
     evaluation: dict[str, float] = field(default_factory=dict)  # the last one: eval_step, val_loss, ...
-    # Where the cadence stands (tinylm/loop.py's `due`), derived again from step and elapsed on resume:
+    # Where the cadence stands (tinylm/cadence.py's `due`), derived again from step and elapsed on resume:
     log_mark: int = 0  # of the run's LOG_POINTS evenly spaced marks, how many had a logged loss
     eval_mark: int = 0  # of its train.evals marks, how many had an evaluation
     mark_evaluated: float = 0.0  # the progress at the latest of them (the start's evaluation is at 0)
