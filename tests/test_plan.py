@@ -75,16 +75,17 @@ def test_explicit_settings_win_over_the_plan():
 
 def test_with_a_time_limit_the_clock_ends_the_run_unless_the_user_set_max_steps():
     fast = speeds(scale=100.0)  # a machine that trains 3,000 steps of any shape in well under the budget
-    free = plan.plan(600, 3000, SHAKESPEARE, "char", fast)
+    corpus = 10**8  # large: the budget buys fewer than MAX_PASSES passes over it
+    free = plan.plan(600, 3000, corpus, "char", fast)
     steps = free.values["train.max_steps"]
     per_step = free.values["model.block_size"] * free.values["train.batch_size"]
     passes = float(free.lines[0].split(" passes")[0].rsplit("= ", 1)[1])
-    assert steps > 3000 and steps >= 2 * passes * SHAKESPEARE / per_step * 0.9  # twice what the clock allows
+    assert steps > 3000 and steps >= 2 * passes * corpus / per_step * 0.9  # twice what the clock allows
     assert plan.round_up(steps) == steps
-    capped = plan.plan(600, 3000, SHAKESPEARE, "char", fast, explicit={"train.max_steps"})
+    capped = plan.plan(600, 3000, corpus, "char", fast, explicit={"train.max_steps"})
     assert "train.max_steps" not in capped.values
     assert float(capped.lines[0].split(" passes")[0].rsplit("= ", 1)[1]) < passes
-    assert "train.max_steps" not in plan.plan(0, 3000, SHAKESPEARE, "char", None).values  # by steps: theirs
+    assert "train.max_steps" not in plan.plan(0, 3000, corpus, "char", None).values  # by steps: theirs
     assert [plan.round_up(n) for n in (1, 99, 4817, 120_001)] == [1, 99, 4900, 130_000]
 
 
@@ -301,3 +302,17 @@ def test_character_models_of_the_swept_shapes_get_their_embedding_learning_rate_
         assert "train.lr" not in plan.plan(60, 10**6, SHAKESPEARE, "char", speeds(), explicit=mine).values
     big = plan.plan(3600, 10**9, 10**9, "char", speeds(scale=1e4))  # a GPU-fast machine: F or G, not swept
     assert big.values["model.n_embd"] >= 384 and "train.lr" not in big.values
+
+
+def test_a_timed_run_is_planned_for_at_most_max_passes_and_then_ends_before_its_time():
+    # The built-in corpus (100,877 BPE tokens) in 180 s on a fast machine: 4.72 at 16 passes, 5.01 at 29.
+    fast = plan.plan(180, 3000, 100_877, "bpe", speeds(scale=10.0))
+    values = fast.values
+    per_step = values["model.block_size"] * values["train.batch_size"]
+    assert values["train.max_steps"] * per_step == pytest.approx(plan.MAX_PASSES * 100_877, rel=0.01)
+    assert "more would only memorise it" in fast.lines[0] and f"step {values['train.max_steps']:,}" in fast.lines[0]
+    # Where the budget buys fewer passes, or the user set max_steps, nothing is capped.
+    slow = plan.plan(180, 3000, 10**8, "bpe", speeds())
+    assert "memorise" not in slow.lines[0]
+    mine = plan.plan(180, 50_000, 100_877, "bpe", speeds(scale=10.0), explicit={"train.max_steps"})
+    assert "train.max_steps" not in mine.values and "memorise" not in mine.lines[0]

@@ -58,8 +58,8 @@ LAWS = {
     "bpe": (3.66782, 12354.6, 1.0, 2346.01, 0.6, 8.0),
 }
 GAMMA, DELTA = 0.5, 2.0  # the memorising term's exponents, shared (the sweep's fit)
-# The most passes over a corpus the sweep measured: the memorising term is held there beyond (where the
-# plan's dropout, which the fit did not see, takes over), rather than extrapolated to absurd losses.
+# The most passes over a corpus the sweep measured: the memorising term is held there beyond, rather than
+# extrapolated to absurd losses, and a run the clock ends is planned for at most this many (plan()).
 MAX_PASSES = 17.0
 MEMORISING = 0.000531868  # C: one for both kinds (only character runs on a small corpus measured it)
 # The AdamW part's peak learning rate (the token embeddings, which the output layer shares, and the norm
@@ -155,12 +155,13 @@ def budget_tokens(speed: float, tokens_per_step: int, budget_s: float, overhead:
 
 def choose(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str,
            speeds: dict[str, float] | None, max_block: int = 10**9,
-           overhead: Overhead = Overhead()) -> tuple[str, float]:
+           overhead: Overhead = Overhead(), max_passes: float = math.inf) -> tuple[str, float]:
     """(the LADDER shape with the lowest predicted loss, the tokens it will train on). speeds: tokens/s
     of each shape on this machine (those missing are not candidates); None plans by max_steps alone.
-    max_block: the longest context the corpus holds a window of ("" if no shape fits)."""
+    max_block: the longest context the corpus holds a window of ("" if no shape fits). max_passes: the
+    most passes over the corpus a shape is planned to train for, whatever the budget would buy."""
     def tokens(shape: str) -> float:
-        by_steps = max_steps * tokens_per_step(shape)
+        by_steps = min(max_steps * tokens_per_step(shape), max_passes * corpus_tokens)
         return by_steps if speeds is None else min(by_steps, budget_tokens(speeds[shape], tokens_per_step(shape),
                                                                           budget_s, overhead))
 
@@ -192,14 +193,17 @@ def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, sp
     # otherwise cut a fast machine's run short and end its learning-rate decay early.
     steps_free = by_time and "train.max_steps" not in explicit
     max_steps = UNLIMITED if steps_free else max_steps
+    # Nor does a run the clock ends go on past MAX_PASSES over its corpus: beyond, the sweep measured nothing
+    # and a small corpus is memorised (the built-in one's 100 k tokens: 4.72 at 16 passes, 5.01 at 29).
+    cap = MAX_PASSES if steps_free else math.inf
     shape, tokens = "", 0.0
     if not any(k in explicit for k in OWN_SHAPE):
         shape, tokens = choose(budget_s, max_steps, corpus_tokens, tokenizer, speeds if by_time else None, max_block,
-                               overhead)
+                               overhead, cap)
     if not shape:
         per_step = max(set_tokens_per_step, 1)
         speed = (speeds or {}).get("own")
-        tokens = max_steps * per_step
+        tokens = min(max_steps * per_step, cap * corpus_tokens)
         if budget_s and speed:
             tokens = min(tokens, budget_tokens(speed, per_step, budget_s, overhead))
         values: dict[str, Any] = {}
@@ -217,10 +221,17 @@ def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, sp
         values["train.eval_batches"] = overhead.batches(speed, per_step, budget_s)
     values["model.dropout"] = dropout_for(passes)
     values["train.warmup_steps"] = int(min(30, max(1, steps // 10)))
-    if steps_free and math.isfinite(steps):  # twice the expected steps: a faster machine still ends by the clock
+    capped = steps_free and tokens >= cap * corpus_tokens * 0.999
+    if capped:  # the run ends after MAX_PASSES passes, before its time is up
+        values["train.max_steps"] = math.ceil(cap * corpus_tokens / per_step)
+    elif steps_free and math.isfinite(steps):  # twice the expected steps: a faster machine still ends by the clock
         values["train.max_steps"] = round_up(2 * steps + 1)
     values = {k: v for k, v in values.items() if k not in explicit}
-    return Plan(values, describe(budget_s, max_steps, shape, tokens, corpus_tokens, speeds, values))
+    lines = describe(budget_s, max_steps, shape, tokens, corpus_tokens, speeds, values)
+    if capped:
+        lines[0] += (f"; at most {cap:g} passes, since more would only memorise it: the run ends at step "
+                     f"{math.ceil(cap * corpus_tokens / per_step):,}, before its time is up")
+    return Plan(values, lines)
 
 
 def round_up(n: float) -> int:

@@ -96,7 +96,8 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
         if not cached:
             spent += time.perf_counter() - began
             timed.append(shape)
-        tokens = plan.budget_tokens(speeds[shape], batch * m.block_size, budget_s, overhead)
+        tokens = min(plan.budget_tokens(speeds[shape], batch * m.block_size, budget_s, overhead),
+                     plan.MAX_PASSES * corpus_tokens)  # as plan() caps a timed run
         loss = plan.predicted_loss(shape, tokens, corpus_tokens, tokenizer)
         if loss > best:
             break
