@@ -50,11 +50,11 @@ MIN_GAIN = 0.01  # by steps: a larger shape must predict at least this much lowe
 # The fitted law, per tokenizer kind: (E, A, alpha, B, beta, R). BPE's is the sweep's fit (benchmarks/fit.py on
 # benchmarks/results/sweep.csv, 2 + 1 tokenizer kinds, runs of up to 1.5 M tokens at the default AdamW lr 3e-3).
 # The characters' is refitted to the current recipe (its planned lr 2e-2) on tiny Shakespeare's whole
-# validation split, runs of up to 33 M tokens (`python -m benchmarks.fit benchmarks/results/char_recipe.csv`):
+# validation split, 7 runs of 2-33 M tokens (`python -m benchmarks.fit benchmarks/results/char_recipe.csv`):
 # the sweep's law had the model's size matter too little (alpha 1.0), so at 600 s it planned the 2-layer model
 # for 33 passes, which ended worse (1.5682) than the same plan at 180 s (1.5297).
 LAWS = {
-    "char": (1.12919, 19.7197, 0.4, 954.524, 0.55, 4.0),
+    "char": (1.36598, 5071.88, 0.9, 82044.0, 0.9, 8.0),
     "bpe": (3.66782, 12354.6, 1.0, 2346.01, 0.6, 8.0),
 }
 GAMMA, DELTA = 0.5, 2.0  # the memorising term's exponents, shared (the sweep's fit)
