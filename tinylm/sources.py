@@ -44,9 +44,7 @@ def pieces(doc: Document) -> Iterable[str]:
 
 def clean(text: str) -> str:
     """Drop a byte-order mark and normalise line ends (CRLF and lone CR become LF)."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 # ---------------------------------------------------------------- text files
@@ -147,10 +145,8 @@ def expand_path(p: Path) -> list[Path]:
 
 def file_stats(p: Path) -> list:
     """What identifies a file, or a folder's files together: paths, sizes and modification times."""
-    if p.is_dir():
-        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()]
-    st = p.stat()
-    return [(str(p.resolve()), st.st_size, st.st_mtime_ns)]
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p.resolve()]
+    return [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
 
 
 # ---------------------------------------------------------------- tables, through Hugging Face datasets
@@ -242,8 +238,7 @@ class HubSource:
 
     @property
     def local(self) -> Path | None:
-        p = Path(self.name)
-        return p if p.exists() else None
+        return p if (p := Path(self.name)).exists() else None
 
 
 def parse_hub(spec: str) -> HubSource:
