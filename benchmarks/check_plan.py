@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         corpus, vocab = len(prep.train), prep.tokenizer.vocab_size
         rows = []
         for shape in a.shapes:
-            m, batch = timings.shape_config(shape)
+            m, batch = timings.shape_config(shape, kind)
             speed, _ = timings.speed(m, batch, vocab, device, dtype)
             tokens = plan.budget_tokens(speed, batch * m.block_size, a.budget, overhead)
-            dropout = plan.dropout_for(tokens / corpus)
+            dropout = plan.dropout_for(tokens / corpus, plan.block_params(m.n_layer, m.n_embd), corpus)
             measured = one_run(prep, corpus, shape, dropout, tokens)[-1]["val_loss"]
             rows.append((shape, speed, tokens, dropout, measured, plan.predicted_loss(shape, tokens, corpus, kind)))
             print(f"  {kind} {shape}: {tokens:,.0f} tokens, dropout {dropout}, val {measured:.4f}", flush=True)

@@ -88,9 +88,11 @@ def one_run(prep: Prepared, corpus_tokens: int, shape: str, dropout: float, run_
     """Train one shape for run_tokens tokens on the first corpus_tokens of prep's training split."""
     n_layer, n_embd, n_head, block, batch = SHAPES[shape]
     steps = max(8, round(run_tokens / (batch * block)))
+    kind = prep.tokenizer.kind  # the architecture and learning rate the plan gives this kind's shapes
+    lr = {"train.lr": plan.EMBEDDING_LR[kind]} if kind in plan.EMBEDDING_LR and shape in plan.LR_SHAPES else {}
     cfg = config_.load(None, {"model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
                               "model.block_size": block, "model.dropout": dropout, "train.batch_size": batch,
-                              "train.max_steps": steps, "train.max_time": 0})
+                              "train.max_steps": steps, "train.max_time": 0, **plan.architecture(kind), **lr})
     sliced = dataclasses.replace(prep, train=prep.train[:corpus_tokens])
     tr = Trainer(cfg, sliced)
     params = sum(p.numel() for p in tr.model.parameters())

@@ -226,14 +226,46 @@ def test_llama_style_model_exports_as_llama(tmp_path, extra):
     assert theirs[0, len(prompt):].tolist() == list(generate(model, prompt, 25, temperature=0))
 
 
+def test_qk_norm_model_exports_as_qwen3_and_imports_back(tmp_path):
+    """QK-norm (which the planner chooses) is Qwen3's: transformers' Qwen3ForCausalLM computes the same logits and
+    greedy tokens, and `--init_from` reads the folder back into the same weights."""
+    from tinylm.hf import read_pretrained
+
+    run_dir = short_run(tmp_path, {**LLAMA, "qk_norm": True, "tie_embeddings": False, "n_kv_head": 1})
+    _, tok, model, _ = load_run(run_dir)
+    with torch.no_grad():  # gains away from 1, so that a q_norm or k_norm left out or swapped shows
+        for block in model.blocks:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5)
+            block.attn.k_norm.weight.uniform_(0.5, 2.5)
+    torch.save({**torch.load(run_dir / rundir.CHECKPOINT, weights_only=False), "model": model.state_dict()},
+               run_dir / rundir.CHECKPOINT)
+    result = export(run_dir, tmp_path / "hf", out=quiet)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert result["architecture"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    ids = torch.tensor([tok.encode("abcdefghhgfedcba" * 2)])
+    with torch.no_grad():
+        ours, _ = model(ids)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf_model).__name__ == "Qwen3ForCausalLM"
+    assert (hf_logits(tmp_path / "hf", ids) - ours).abs().max().item() < 1e-4
+    prompt = tok.encode("abc")
+    theirs = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=25, min_new_tokens=25)
+    assert theirs[0, len(prompt):].tolist() == list(generate(model, prompt, 25, temperature=0))
+    back = read_pretrained(tmp_path / "hf")
+    assert back.model.qk_norm and back.model.n_kv_head == 1 and not back.model.tie_embeddings
+    assert all(torch.equal(back.state[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("model,reason", [
     ({"mlp": "relu2"}, "model.mlp=relu2 (ReLU squared) exists in neither"),
-    ({**LLAMA, "qk_norm": True}, "model.qk_norm=true"),
+    ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": True}, "model.qk_norm=true (RMSNorm on queries "
+                                                                               "and keys) exists only in Qwen3"),
+    ({**LLAMA, "qk_norm": True, "bias": True}, "Qwen3 (the architecture with QK-norm) has no biases in its MLP"),
     ({"pos": "learned", "norm": "rmsnorm", "mlp": "gelu"}, "model.pos=learned, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
     ({**LLAMA, "mlp": "gelu"}, "model.pos=rope, model.norm=rmsnorm, model.mlp=gelu mixes the two"),
     ({"pos": "learned", "norm": "layernorm", "mlp": "gelu", "n_kv_head": 2}, "model.n_kv_head=2 (grouped-query attention) "
                                                                             "does not exist in GPT2LMHeadModel"),
-], ids=["relu2", "qk_norm", "learned+rmsnorm", "rope+gelu", "gpt2+gqa"])
+], ids=["relu2", "gpt2+qk_norm", "qk_norm+bias", "learned+rmsnorm", "rope+gelu", "gpt2+gqa"])
 def test_what_neither_architecture_expresses_is_refused(model, reason):
     from tinylm.hf import architecture
 

@@ -150,7 +150,7 @@ def test_init_from_a_missing_folder_is_one_line(tmp_path):
 
 def test_non_gpt2_folders_are_refused_with_the_reason(gpt2_folder, tmp_path):
     folder, _ = gpt2_folder
-    for change, message in (({"model_type": "bert"}, "tinylm imports GPT-2 .* and Llama"),
+    for change, message in (({"model_type": "bert"}, "tinylm imports GPT-2 .*, Llama .* and Qwen3"),
                             ({"activation_function": "relu"}, "GELU's tanh form")):
         bad = tmp_path / "bad"
         bad.mkdir(exist_ok=True)

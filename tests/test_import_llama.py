@@ -131,3 +131,30 @@ def test_weights_the_config_does_not_describe_are_refused(llama_folder, tmp_path
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"its weights hold model.layers.0.self_attn.q_proj.bias, which its config.json"):
         read_pretrained(bad)
+
+
+def test_random_qwen3_imports_with_equal_logits_and_its_other_sizes_are_refused(tmp_path):
+    """Qwen3 is Llama with QK-norm (what planned tinylm runs export as): a random one from transformers whose heads
+    split the width evenly imports logit for logit; Qwen3's usual head_dim, and a sliding window, are refused."""
+    tok = train_bpe([TEXT], 320)
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)
+    reference = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # gains away from one, so that a q_norm or k_norm left out shows
+        for name, p in reference.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand_like(p) + 0.5)
+    reference.save_pretrained(str(tmp_path / "qwen3"))
+    tok.save(tmp_path / "qwen3" / "tokenizer.json")
+    ids = torch.randint(tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (tinylm_logits(tmp_path / "qwen3", ids) - expected).abs().max().item() < 1e-4
+    m = read_pretrained(tmp_path / "qwen3").model
+    assert m.qk_norm and m.kv_heads == 2 and not m.tie_embeddings
+    for changes, reason in (({"head_dim": 128}, "head_dim is 128, not hidden_size / num_attention_heads = 16"),
+                            ({"use_sliding_window": True, "sliding_window": 32}, "sliding window of 32 tokens")):
+        with pytest.raises(UserError, match=re.escape(reason)):
+            read_pretrained(edited(tmp_path / "qwen3", tmp_path / f"q{len(reason)}", **changes))

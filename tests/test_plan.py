@@ -122,7 +122,7 @@ def test_plan_off_keeps_every_default():
 def test_the_probe_is_skipped_when_cached(monkeypatch):
     cached = {}
     for shape in plan.LADDER:
-        m, batch = timings.shape_config(shape)
+        m, batch = timings.shape_config(shape, "char")
         measure.store("train_step_seconds", timings.key(m, batch, 65, CPU, None), 1e-9 * plan.block_params(
             m.n_layer, m.n_embd))
         cached[shape] = True
@@ -130,6 +130,30 @@ def test_the_probe_is_skipped_when_cached(monkeypatch):
     lines: list[str] = []
     got = timings.ladder_speeds(60, SHAKESPEARE, "char", 65, CPU, None, lines.append)
     assert got and set(got) <= set(plan.LADDER) and lines == []
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 4.0])
+def test_the_probe_never_misses_the_shape_the_whole_ladder_would_plan(monkeypatch, scale):
+    """Timing stops early along the ladder; it must not stop before the shape that timing every shape would
+    choose. The case that found it: 600 s on tiny Shakespeare, where shapes A-C all reach MAX_PASSES, B's
+    predicted loss is a hair under C's, and the probe stopped at C, planning B where E was better."""
+    measured = {"A": 150e3, "B": 82e3, "C": 39.6e3, "D": 18e3, "E": 12.2e3, "F": 3.5e3, "G": 1.2e3}  # 2 CPU cores
+    by_size = {plan.LADDER[s][:2]: s for s in plan.LADDER}
+    monkeypatch.setattr(timings, "step_seconds", lambda m, batch, *a: batch * m.block_size / (
+        scale * measured[by_size[m.n_layer, m.n_embd]]))
+    monkeypatch.setattr(timings, "PROBE_SHARE", 1.0)  # only the stopping rule is under test here
+    overhead = plan.Overhead.of(8, 20, 120)
+    for kind in ("char", "bpe"):
+        for corpus in (100_000, SHAKESPEARE, 10**7):
+            for budget in (60, 180, 600, 1800):
+                measure.forget("train_step_seconds")
+                probed = timings.ladder_speeds(budget, corpus, kind, 65, CPU, None, lambda line: None, overhead)
+                every = {s: scale * v for s, v in measured.items()}
+                want = plan.choose(budget, plan.UNLIMITED, corpus, kind, every, overhead=overhead,
+                                   max_passes=plan.MAX_PASSES)
+                got = plan.choose(budget, plan.UNLIMITED, corpus, kind, probed, overhead=overhead,
+                                  max_passes=plan.MAX_PASSES)
+                assert got[0] == want[0] and got[1] == pytest.approx(want[1]), (kind, corpus, budget)
 
 
 def test_the_probe_stays_within_its_share_of_the_budget(monkeypatch):
@@ -316,3 +340,38 @@ def test_a_timed_run_is_planned_for_at_most_max_passes_and_then_ends_before_its_
     assert "memorise" not in slow.lines[0]
     mine = plan.plan(180, 50_000, 100_877, "bpe", speeds(scale=10.0), explicit={"train.max_steps"})
     assert "train.max_steps" not in mine.values and "memorise" not in mine.lines[0]
+
+
+def test_a_planned_shape_comes_with_qk_norm_and_for_characters_an_untied_head_unless_the_family_is_the_users(tmp_path):
+    char = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds()).values
+    assert char["model.qk_norm"] is True and char["model.tie_embeddings"] is False
+    bpe = plan.plan(60, 10**6, SHAKESPEARE, "bpe", speeds()).values
+    assert bpe["model.qk_norm"] is True and "model.tie_embeddings" not in bpe  # a BPE head stays tied
+    mine = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds(), explicit={"model.qk_norm"}).values
+    assert "model.qk_norm" not in mine and mine["model.tie_embeddings"] is False
+    for family in plan.FAMILY_KEYS:  # a GPT-2 recipe (any of pos, norm, mlp, bias set) keeps its architecture
+        gpt2 = plan.plan(60, 10**6, SHAKESPEARE, "char", speeds(), explicit={family}).values
+        assert not {"model.qk_norm", "model.tie_embeddings"} & set(gpt2) and "model.n_layer" in gpt2
+    # The probe times each shape as the plan builds it for the tokenizer, and keeps it apart from others.
+    m, batch = timings.shape_config("B", "char")
+    assert m.qk_norm and not m.tie_embeddings and (m.n_layer, m.n_embd) == plan.LADDER["B"][:2]
+    plain, _ = timings.shape_config("B")
+    assert timings.key(m, batch, 65, CPU, None) != timings.key(plain, batch, 65, CPU, None)
+    # A real planned run builds the planned model and records it, so a resumed run rebuilds the same.
+    corpus = tmp_path / "m.txt"
+    corpus.write_text(markov_text(6000))
+    assert main(["train", "--data", str(corpus), "--data.tokenizer=char", "--data.cache_dir", str(tmp_path / "cache"),
+                 "--train.max_steps=6", "--train.max_time=0", "--train.sample_tokens=0", "--train.device=cpu",
+                 "--run_dir", str(tmp_path / "run")]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert saved["qk_norm"] is True and saved["tie_embeddings"] is False
+    _, _, model, _ = rundir.load(tmp_path / "run")
+    assert model.blocks[0].attn.q_norm is not None and model.head.weight is not model.tok_emb.weight
+
+
+def test_dropout_comes_with_many_passes_or_a_model_large_for_its_corpus():
+    e = plan.block_params(*plan.LADDER["E"][:2])
+    assert plan.dropout_for(6.7, e, SHAKESPEARE) == 0.1  # the 600 s plan: 1.5437 without, 1.4611 with
+    assert plan.dropout_for(5.2, plan.block_params(*plan.LADDER["C"][:2]), SHAKESPEARE) == 0.0  # the 180 s plan
+    assert plan.dropout_for(12.0) == 0.1 and plan.dropout_for(3.0) == 0.0  # by passes alone, as before
+    assert plan.dropout_for(6.7, e, 100 * SHAKESPEARE) == 0.0  # the same model on a corpus 100x larger

@@ -57,7 +57,8 @@ class ModelConfig:
     dropout: float = setting(0.1, "fraction of activations zeroed while training, against overfitting a small "
                                   "text: the default run sees the built-in corpus about 10 times in 3 minutes, and "
                                   "0.1 gives val loss 4.79 there instead of 5.27 with 0")
-    tie_embeddings: bool = setting(True, "the output head shares the token embedding matrix (GPT-2 does)")
+    tie_embeddings: bool = setting(True, "the output head shares the token embedding matrix (GPT-2 does); the planner "
+                                          "unties it for characters")
     pos: str = setting("rope", "position information: learned (GPT-2's table of position embeddings) or rope "
                                "(rotary, as in Llama)", ("learned", "rope"))
     rope_theta: float = setting(10000.0, "RoPE base: the slowest rotation's period grows with it")
@@ -68,7 +69,8 @@ class ModelConfig:
                        ("gelu", "relu2", "swiglu"))
     mlp_hidden: int = setting(0, "MLP width; 0 = 4 x n_embd, or for swiglu 8/3 x n_embd rounded up to a multiple "
                                  "of 64 (its three matrices then hold as many parameters as two at 4 x n_embd)")
-    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2)")
+    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2); the "
+                                    "planner turns it on")
 
     # Values derived from the fields, computed here once for every module that needs them.
 

@@ -12,7 +12,10 @@ tinylm's model is one of two architectures that transformers loads, chosen by th
   model trained with `model.bias=false` is written with zero biases, which compute exactly what no
   biases compute.
 
-Any other mix (ReLU squared, QK-norm, learned positions with RMSNorm, ...) is refused with the reason.
+* Llama with QK-norm (model.qk_norm=true, which the planner chooses) maps onto `Qwen3ForCausalLM`: Llama's
+  tensors plus each layer's q_norm and k_norm gains.
+
+Any other mix (ReLU squared, learned positions with RMSNorm, ...) is refused with the reason.
 
 `architecture` and `to_hf` write the format (`tinylm export`); `read_pretrained` reads a GPT-2 or Llama
 folder written by `save_pretrained` (config.json, model.safetensors or pytorch_model.bin, and a
@@ -36,10 +39,10 @@ import torch
 from tinylm.checkpoint import load_tensors
 from tinylm.config import ModelConfig
 from tinylm.errors import UserError, shown
-from tinylm.hf_config import RELATIVES, gpt2_config_json, gpt2_model, llama_config_json, llama_model, refuse
+from tinylm.hf_config import READERS, RELATIVES, WRITERS, refuse
 from tinylm.tokenizer import EOT, TextTokenizer
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # One entry per tinylm tensor: (tinylm name, the Hugging Face names it becomes, transposed). Several
 # names split the tensor by rows into equal parts (tinylm fuses q, k, v into one projection, and for
@@ -71,13 +74,17 @@ def gpt2_names(n_layer: int, tied: bool) -> Names:
     return names
 
 
-def llama_names(n_layer: int, tied: bool, bias: bool) -> Names:
-    """Every LlamaForCausalLM tensor; biases (attention_bias, mlp_bias) only if the model has them."""
+def llama_names(n_layer: int, tied: bool, bias: bool, qk_norm: bool = False) -> Names:
+    """Every LlamaForCausalLM tensor; biases (attention_bias, mlp_bias) only if the model has them; with
+    qk_norm, Qwen3ForCausalLM's (Llama's plus each layer's q_norm and k_norm gains)."""
     names: Names = [("tok_emb.weight", ("model.embed_tokens.weight",), False)]
     for i in range(n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         names.append((ours + "norm1.weight", (theirs + "input_layernorm.weight",), False))
         names.append((ours + "norm2.weight", (theirs + "post_attention_layernorm.weight",), False))
+        if qk_norm:
+            names.append((ours + "attn.q_norm.weight", (theirs + "self_attn.q_norm.weight",), False))
+            names.append((ours + "attn.k_norm.weight", (theirs + "self_attn.k_norm.weight",), False))
         for p in ("weight", "bias") if bias else ("weight",):
             names.append((ours + f"attn.qkv.{p}", tuple(theirs + f"self_attn.{x}_proj.{p}" for x in "qkv"), False))
             names.append((ours + f"attn.proj.{p}", (theirs + f"self_attn.o_proj.{p}",), False))
@@ -100,12 +107,17 @@ def switches(m: ModelConfig) -> tuple[str, str, str]:
 
 
 def architecture(m: ModelConfig) -> str:
-    """'gpt2' or 'llama': the transformers architecture that computes exactly what m computes.
-    A combination neither can express is a UserError that says why."""
-    if m.qk_norm:
-        raise UserError("cannot export: model.qk_norm=true (RMSNorm on queries and keys) exists in neither "
-                        "GPT2LMHeadModel nor LlamaForCausalLM")
+    """'gpt2', 'llama' or 'qwen3' (Llama with QK-norm): the transformers architecture that computes exactly
+    what m computes. A combination none can express is a UserError that says why."""
     have = switches(m)
+    if m.qk_norm:  # Qwen3: Llama's blocks with an RMSNorm on each head's queries and keys before RoPE
+        if have != LLAMA_SWITCHES:
+            raise UserError("cannot export: model.qk_norm=true (RMSNorm on queries and keys) exists only in Qwen3, "
+                            "whose other switches are Llama's (pos=rope, norm=rmsnorm, mlp=swiglu)")
+        if m.bias:
+            raise UserError("cannot export: model.qk_norm=true with model.bias=true; Qwen3 (the architecture with "
+                            "QK-norm) has no biases in its MLP")
+        return "qwen3"
     if have == GPT2_SWITCHES:
         if m.kv_heads != m.n_head:
             raise UserError(f"cannot export: model.n_kv_head={m.n_kv_head} (grouped-query attention) does not exist in "
@@ -130,7 +142,9 @@ def qkv_rows(m: ModelConfig) -> tuple[int, int, int]:
 
 
 def names_for(arch: str, m: ModelConfig) -> Names:
-    return gpt2_names(m.n_layer, m.tie_embeddings) if arch == "gpt2" else llama_names(m.n_layer, m.tie_embeddings, m.bias)
+    if arch == "gpt2":
+        return gpt2_names(m.n_layer, m.tie_embeddings)
+    return llama_names(m.n_layer, m.tie_embeddings, m.bias, qk_norm=arch == "qwen3")
 
 
 def to_hf(arch: str, m: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int,
@@ -140,7 +154,7 @@ def to_hf(arch: str, m: ModelConfig, state: dict[str, torch.Tensor], vocab_size:
     Fused tensors are split, GPT-2's Conv1D weights transposed, and biases GPT-2 needs but the model
     lacks (model.bias=false) written as zeros. A tied head is left out, as `save_pretrained` does:
     transformers ties it back on load."""
-    config = (gpt2_config_json if arch == "gpt2" else llama_config_json)(m, vocab_size, eot_id)
+    config = WRITERS[arch](m, vocab_size, eot_id)
     tensors: dict[str, torch.Tensor] = {}
     for ours, theirs, conv in names_for(arch, m):
         t = state.get(ours)
@@ -261,14 +275,14 @@ def read_pretrained(folder: str | Path) -> Pretrained:
     if not isinstance(c, dict):
         raise UserError(f"{folder / 'config.json'} is not a model config (a JSON object)")
     kind = c.get("model_type")
-    if kind not in ("gpt2", "llama"):
+    if kind not in ARCHITECTURES:
         why = f"; it has {RELATIVES[kind]}" if kind in RELATIVES else ""
-        raise refuse(folder, f"model_type is {kind!r}{why}; tinylm imports GPT-2 (model_type 'gpt2') and Llama "
-                             "(model_type 'llama') checkpoints")
-    m = (gpt2_model if kind == "gpt2" else llama_model)(c, folder)
+        raise refuse(folder, f"model_type is {kind!r}{why}; tinylm imports GPT-2 (model_type 'gpt2'), Llama "
+                             "('llama') and Qwen3 ('qwen3') checkpoints")
+    m = READERS[kind](c, folder)
     names = names_for(kind, m)
     tensors = read_tensors(folder)
-    if kind == "llama":  # a tensor with no place in the model (a bias config.json does not declare, ...)
+    if kind != "gpt2":  # a tensor with no place in the model (a bias config.json does not declare, ...)
         used = {name for _, theirs, _ in names for name in theirs}
         extra = sorted(k for k in tensors if k not in used and not k.endswith("rotary_emb.inv_freq"))
         if extra:

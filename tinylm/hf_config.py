@@ -1,11 +1,12 @@
-"""config.json of the two architectures tinylm exchanges with Hugging Face `transformers`, both ways:
-written from a tinylm model config (`gpt2_config_json`, `llama_config_json`) and read back into one
-(`gpt2_model`, `llama_model`), with what tinylm's model cannot compute refused, saying why. By hand,
+"""config.json of the architectures tinylm exchanges with Hugging Face `transformers`, both ways:
+written from a tinylm model config (`gpt2_config_json`, `llama_config_json`, `qwen3_config_json`) and read back into one
+(`gpt2_model`, `llama_model`, `qwen3_model`), with what tinylm's model cannot compute refused, saying why. By hand,
 as plain JSON: no transformers needed. tinylm/hf.py moves the tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ def llama_config_json(m: ModelConfig, vocab_size: int, eot_id: int) -> dict[str,
     }
 
 
+def qwen3_config_json(m: ModelConfig, vocab_size: int, eot_id: int) -> dict[str, Any]:
+    """config.json of a Qwen3ForCausalLM: Llama's (rotary positions, RMSNorm, SwiGLU, grouped-query
+    attention) with an RMSNorm on each head's queries and keys, no sliding window."""
+    config = llama_config_json(m, vocab_size, eot_id)
+    del config["mlp_bias"]  # Qwen3's MLP has none (hf.architecture refuses model.bias with qk_norm)
+    return {**config, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+            "sliding_window": None}
+
+
 # ---------------------------------------------------------------- config.json -> tinylm
 
 
@@ -108,7 +118,6 @@ def gpt2_model(c: dict[str, Any], folder: Path) -> ModelConfig:
 RELATIVES = {
     "mistral": "Mistral's sliding-window attention", "mixtral": "a mixture of experts (Mixtral)",
     "qwen2": "Qwen2's biases on q, k and v but not on the output projection",
-    "qwen3": "Qwen3's head_dim, which differs from hidden_size / num_attention_heads in most of its sizes",
     "gemma": "Gemma's scaled embeddings and GELU MLP", "gemma2": "Gemma 2's soft-capping and sliding windows",
     "phi3": "Phi-3's fused projections and rope scaling",
 }
@@ -162,3 +171,18 @@ def llama_model(c: dict[str, Any], folder: Path) -> ModelConfig:
                     rope_theta=_llama_rope_theta(c, folder), norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
                     mlp="swiglu", mlp_hidden=c["intermediate_size"], qk_norm=False)
     return m
+
+
+def qwen3_model(c: dict[str, Any], folder: Path) -> ModelConfig:
+    """A Qwen3ForCausalLM config.json as tinylm's model config: Llama's reading (the same refusals: a head_dim
+    other than hidden_size / num_attention_heads, as most released Qwen3 sizes have, rope scaling, ...) with
+    QK-norm, and without a sliding window."""
+    if c.get("use_sliding_window"):
+        raise refuse(folder, f"it attends over a sliding window of {c.get('sliding_window')} tokens; tinylm's attention "
+                             "sees the whole context")
+    return dataclasses.replace(llama_model({**c, "sliding_window": None}, folder), qk_norm=True)
+
+
+# Each architecture's config.json writer and reader, by model_type.
+WRITERS = {"gpt2": gpt2_config_json, "llama": llama_config_json, "qwen3": qwen3_config_json}
+READERS = {"gpt2": gpt2_model, "llama": llama_model, "qwen3": qwen3_model}

@@ -23,8 +23,8 @@ what evaluations and samples take (`budget_tokens`), and the shape with the lowe
 limit only, D = steps x the shape's tokens per step, and a larger shape wins only by MIN_GAIN (no clock:
 a bigger model costs time the rule cannot see). Dropout follows the passes over the corpus that choice
 makes; warmup is a tenth of the expected steps, at most 30; evaluations use fewer batches where 20 would
-take more than EVAL_SHARE of the budget; character models take a higher learning rate for their
-embeddings (EMBEDDING_LR); with a time limit and no max_steps of the user's, the step limit
+take more than EVAL_SHARE of the budget; a planned shape comes with QK-norm, and for characters an untied
+output head (ARCHITECTURE); character models take a higher learning rate for their embeddings (EMBEDDING_LR); with a time limit and no max_steps of the user's, the step limit
 is lifted to twice the expected steps, so the clock ends the run, unless that would take it past
 MAX_PASSES over its corpus: then it ends there, before its time.
 """
@@ -73,10 +73,30 @@ MEMORISING = 0.000531868  # C: one for both kinds (only character runs on a smal
 # 1.6058). docs/planner.md has the table.
 EMBEDDING_LR = {"char": 2e-2}
 LR_SHAPES = ("A", "B", "C", "D", "E")
+# The architecture planned with the shape, per tokenizer kind. QK-norm (RMSNorm on each head's queries and keys,
+# as Qwen3 and OLMo 2 do) measured better on both kinds at fixed steps, whole validation split: characters of
+# tiny Shakespeare 1.5939 -> 1.5647 (3L/128, 1,000 steps), the built-in corpus's BPE tokens 4.7221 -> 4.6398
+# (2L/96, 800 steps). An output head of its own (not the embedding matrix) helps characters further, where it
+# costs 65 x n_embd weights (QK-norm with it: 1.5536 at 3L/128; 1.6058 -> 1.5939 at 2L/96; 1.5381 -> 1.5223 at
+# 4L/192), but not BPE, whose head would add vocab_size x n_embd weights to memorise a small corpus with (4.7221
+# -> 4.8579). Both cost speed, 10-15% on 2 CPU cores; the timings (tinylm/timings.py) measure the shapes with
+# them. Planned only for the default (Llama) family: a model.pos, norm, mlp or bias of the user's keeps theirs.
+ARCHITECTURE = {"char": {"model.qk_norm": True, "model.tie_embeddings": False}, "bpe": {"model.qk_norm": True}}
+FAMILY_KEYS = ("model.pos", "model.norm", "model.mlp", "model.bias")
+
+
+def architecture(tokenizer: str, explicit: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """The ARCHITECTURE settings a planned shape gets, unless the user chose the model's family."""
+    return {} if any(k in explicit for k in FAMILY_KEYS) else dict(ARCHITECTURE.get(tokenizer, {}))
 # Dropout by passes over the corpus, (below this many passes, this dropout): in the sweep 0.1 lost to none up
 # to 10 passes (4 layers, 192 wide, on 60 k characters), tied at 8 and won from 12 on (3 layers, 128 wide);
 # the default recipe's 0.1 won at 10 passes of the built-in corpus (4 layers, 256 wide: config.py).
 DROPOUT = ((10.0, 0.0), (math.inf, 0.1))
+# With QK-norm and an untied head (ARCHITECTURE) a model memorises sooner: the 600 s plan on tiny Shakespeare (4L/256,
+# 6.7 passes planned) ended at 1.5437 without dropout (train loss 1.05, its validation best 1.50 midway) and at
+# 1.4611 with 0.1. So dropout also comes where the law's memorising term (a model large for its corpus, seen
+# several times) reaches this: 0.043 there, 0.012 for the 180 s plan (3L/128, 5.2 passes), which ended at its best.
+MEMORISING_DROPOUT = 0.02
 
 
 def block_params(n_layer: int, n_embd: int) -> int:
@@ -102,13 +122,24 @@ def predicted_loss(shape: str, tokens: float, corpus_tokens: float, tokenizer: s
     return e + a / n**alpha + b / d**beta + MEMORISING * (n / corpus_tokens) ** GAMMA * passes**DELTA
 
 
+def floor(tokens: float, corpus_tokens: float, tokenizer: str) -> float:
+    """A lower bound of the predicted loss of any LADDER shape trained on at most `tokens`: the largest shape's
+    size term, the data term at `tokens`, no memorising."""
+    e, a, alpha, b, beta, repeats = LAWS[tokenizer]
+    largest = max(block_params(*shape[:2]) for shape in LADDER.values())
+    return e + a / largest**alpha + b / effective_tokens(max(tokens, 1.0), corpus_tokens, repeats) ** beta
+
+
 def tokens_per_step(shape: str) -> int:
     *_, block, batch = LADDER[shape]
     return block * batch
 
 
-def dropout_for(passes: float) -> float:
-    return next(p for bound, p in DROPOUT if passes < bound)
+def dropout_for(passes: float, params: float = 0.0, corpus_tokens: float = 1.0) -> float:
+    """DROPOUT's value for this many passes, or its last where the law's memorising term for a model of `params`
+    block parameters reaches MEMORISING_DROPOUT."""
+    memorising = MEMORISING * (params / max(corpus_tokens, 1.0)) ** GAMMA * min(passes, MAX_PASSES) ** DELTA
+    return DROPOUT[-1][1] if memorising >= MEMORISING_DROPOUT else next(p for bound, p in DROPOUT if passes < bound)
 
 
 @dataclass(frozen=True)
@@ -212,7 +243,7 @@ def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, sp
         n_layer, n_embd, n_head, block, batch = LADDER[shape]
         per_step = block * batch
         values = {"model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
-                  "model.block_size": block, "train.batch_size": batch}
+                  "model.block_size": block, "train.batch_size": batch, **architecture(tokenizer, explicit)}
         if tokenizer in EMBEDDING_LR and shape in LR_SHAPES and not {"train.lr", "train.min_lr"} & set(explicit):
             values["train.lr"] = EMBEDDING_LR[tokenizer]
     passes = tokens / max(corpus_tokens, 1)
@@ -220,7 +251,8 @@ def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, sp
     speed = (speeds or {}).get(shape or "own")
     if budget_s and speed and overhead.evaluations:
         values["train.eval_batches"] = overhead.batches(speed, per_step, budget_s)
-    values["model.dropout"] = dropout_for(passes)
+    params = block_params(*LADDER[shape][:2]) if shape else 0.0
+    values["model.dropout"] = dropout_for(passes, params, corpus_tokens)
     values["train.warmup_steps"] = int(min(30, max(1, steps // 10)))
     capped = steps_free and tokens >= cap * corpus_tokens * 0.999
     if capped:  # the run ends after MAX_PASSES passes, before its time is up

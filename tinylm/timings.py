@@ -2,9 +2,11 @@
 ladder at, timed on the real training step (model, autocast precision, optimizer) and kept per machine
 and torch version (tinylm/measure.py), so that only a machine's first run pays for it.
 
-Shapes are timed smallest first, stopping at the first shape the planner would not prefer
-to the one before it (the predicted loss, tinylm/plan.py, has one minimum along the ladder), or when the
-next shape's steps would take the timing past PROBE_SHARE of the budget.
+Shapes are timed smallest first, stopping once no larger shape could beat the best so far (a larger
+shape is slower, so it trains on fewer tokens: tinylm/plan.py's `floor` bounds its predicted loss from
+below), or when the next shape's steps would take the timing past PROBE_SHARE of the budget. (Stopping at
+the first shape predicted worse than the one before it missed the best: where small shapes all reach
+MAX_PASSES, or a shape's many passes cost it more than its size gains, the loss has several minima.)
 
 Two kernel choices are timed here too, once per machine: the number of CPU threads (`choose_threads`)
 and, under bfloat16 autocast on a CPU, the precision attention runs in (`choose_attention`).
@@ -56,14 +58,17 @@ def step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, d
     return sorted(times)[len(times) // 2]
 
 
-def shape_config(shape: str) -> tuple[ModelConfig, int]:
+def shape_config(shape: str, tokenizer: str = "") -> tuple[ModelConfig, int]:
+    """(the model of a LADDER shape as the plan builds it for this tokenizer kind, its batch size)."""
     n_layer, n_embd, n_head, block, batch = plan.LADDER[shape]
-    return ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block, dropout=0.0), batch
+    arch = {k.split(".")[1]: v for k, v in plan.architecture(tokenizer).items()}
+    return ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block, dropout=0.0, **arch), batch
 
 
 def key(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: torch.dtype | None) -> dict:
     """What a step's time depends on besides the machine (measure.machine() adds that)."""
-    shape = [m.n_layer, m.n_embd, m.n_head, m.kv_heads, m.block_size, m.mlp, m.mlp_width, m.pos, m.norm]
+    shape = [m.n_layer, m.n_embd, m.n_head, m.kv_heads, m.block_size, m.mlp, m.mlp_width, m.pos, m.norm,
+             m.qk_norm, m.tie_embeddings]
     # The output layer's width in powers of two: one measurement serves every character set of a size.
     return {"shape": shape, "batch": batch, "vocab": 2 ** math.ceil(math.log2(max(vocab, 2))),
             "device": device.type, "dtype": str(dtype)}
@@ -84,7 +89,7 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
     speeds: dict[str, float] = {}
     cap, spent, best, timed = PROBE_SHARE * budget_s, 0.0, math.inf, []
     for shape in plan.LADDER:
-        m, batch = shape_config(shape)
+        m, batch = shape_config(shape, tokenizer)
         if speeds:  # the next step's cost, guessed from the last shape's speed and the parameter ratio
             previous = list(speeds)[-1]
             ratio = plan.block_params(m.n_layer, m.n_embd) / plan.block_params(*plan.LADDER[previous][:2])
@@ -98,10 +103,9 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
             timed.append(shape)
         tokens = min(plan.budget_tokens(speeds[shape], batch * m.block_size, budget_s, overhead),
                      plan.MAX_PASSES * corpus_tokens)  # as plan() caps a timed run
-        loss = plan.predicted_loss(shape, tokens, corpus_tokens, tokenizer)
-        if loss > best:
+        best = min(best, plan.predicted_loss(shape, tokens, corpus_tokens, tokenizer))
+        if plan.floor(tokens, corpus_tokens, tokenizer) >= best:  # no larger (slower) shape can do better
             break
-        best = loss
     if timed:
         say(f"plan: timed the training step of shapes {', '.join(timed)} on this machine in {spent:.1f} s "
             f"(kept in {measure.cache_path()}, so later runs skip it)")
