@@ -24,7 +24,8 @@ limit only, D = steps x the shape's tokens per step, and a larger shape wins onl
 a bigger model costs time the rule cannot see). Dropout follows the passes over the corpus that choice
 makes; warmup is a tenth of the expected steps, at most 30; evaluations use fewer batches where 20 would
 take more than EVAL_SHARE of the budget; a planned shape comes with QK-norm, and for characters an untied
-output head (ARCHITECTURE); character models take a higher learning rate for their embeddings (EMBEDDING_LR); with a time limit and no max_steps of the user's, the step limit
+output head (ARCHITECTURE); character models take a higher learning rate for their embeddings
+(EMBEDDING_LR); with a time limit and no max_steps of the user's, the step limit
 is lifted to twice the expected steps, so the clock ends the run, unless that would take it past
 MAX_PASSES over its corpus: then it ends there, before its time.
 """
