@@ -91,6 +91,22 @@ def test_cached_forward_matches_full_forward(arch):
     assert torch.allclose(torch.cat([first, *steps], dim=1), full, atol=1e-5)
 
 
+def test_dropout_zeroes_block_outputs_but_never_attention_weights():
+    """Dropout drops the attention's output (after its projection), not the attention weights: with the output
+    dropout taken out, attention in training mode computes exactly what it does in eval mode."""
+    model = GPT(small(dropout=0.5), vocab_size=50)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 16, 32)
+    rope = rope_tables(16, 16, 10000.0)
+    attn.train()
+    dropped = attn(x, rope)
+    assert (dropped == 0).float().mean() > 0.3  # the output dropout works
+    attn.resid_dropout = torch.nn.Identity()
+    trained = attn(x, rope)
+    attn.eval()
+    assert torch.equal(trained, attn(x, rope))
+
+
 def test_sequence_longer_than_context_is_refused():
     model = GPT(small(), vocab_size=50)
     with pytest.raises(ValueError, match="exceeds block_size"):
