@@ -340,6 +340,12 @@ def test_a_timed_run_is_planned_for_at_most_max_passes_and_then_ends_before_its_
     assert "memorise" not in slow.lines[0]
     mine = plan.plan(180, 50_000, 100_877, "bpe", speeds(scale=10.0), explicit={"train.max_steps"})
     assert "train.max_steps" not in mine.values and "memorise" not in mine.lines[0]
+    # Planned for fewer passes than MAX_PASSES, the step limit (twice the expected steps, for a machine
+    # faster than its timing) still stops the run at MAX_PASSES.
+    for scale in (0.5, 0.7, 0.9, 1.0, 1.5, 3.0):
+        values = plan.plan(180, 3000, 100_877, "bpe", speeds(scale=scale)).values
+        per_step = values["model.block_size"] * values["train.batch_size"]
+        assert values["train.max_steps"] * per_step <= plan.MAX_PASSES * 100_877 + per_step
 
 
 def test_a_planned_shape_comes_with_qk_norm_and_for_characters_an_untied_head_unless_the_family_is_the_users(tmp_path):
