@@ -110,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # heads back into the residual stream
         self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
-        # Dropout on the attention's output only, not on its weights (as Llama-style models train): PyTorch's
+        # Dropout on the attention's output only, not on its weights: PyTorch's
         # CPU attention kernel cannot drop weights, so dropout_p > 0 falls back to the unfused kernel and
         # cost a 3-layer 128-wide step a third of its speed (37.0k -> 24.7k tokens/s; this dropout: 33.3k).
         self.resid_dropout = nn.Dropout(cfg.dropout)

@@ -257,18 +257,19 @@ def plan(budget_s: float, max_steps: int, corpus_tokens: int, tokenizer: str, sp
     values["model.dropout"] = dropout_for(passes, params, corpus_tokens)
     values["train.warmup_steps"] = int(min(30, max(1, steps // 10)))
     capped = steps_free and tokens >= cap * corpus_tokens * 0.999
+    last_step = math.ceil(cap * corpus_tokens / per_step) if math.isfinite(cap) else UNLIMITED  # at MAX_PASSES
     if capped:  # the run ends after MAX_PASSES passes, before its time is up
-        values["train.max_steps"] = math.ceil(cap * corpus_tokens / per_step)
+        values["train.max_steps"] = last_step
     elif steps_free and math.isfinite(steps):
         # Twice the expected steps, so a machine faster than its timing still ends by the clock, but never past
         # MAX_PASSES: timed during a burst of other work (10 k tokens/s, then 23 k in the run), the built-in
         # corpus's 180 s plan ran its 2 x 8 passes to 32 and ended at val loss 5.32 instead of about 4.7.
-        values["train.max_steps"] = min(round_up(2 * steps + 1), math.ceil(cap * corpus_tokens / per_step))
+        values["train.max_steps"] = min(round_up(2 * steps + 1), last_step)
     values = {k: v for k, v in values.items() if k not in explicit}
     lines = describe(budget_s, max_steps, shape, tokens, corpus_tokens, speeds, values)
     if capped:
         lines[0] += (f"; at most {cap:g} passes, since more would only memorise it: the run ends at step "
-                     f"{math.ceil(cap * corpus_tokens / per_step):,}, before its time is up")
+                     f"{last_step:,}, before its time is up")
     return Plan(values, lines)
 
 
