@@ -181,6 +181,18 @@ CASES = [
 ]
 
 
+def test_sample_into_a_pipe_closed_early_stops_without_a_traceback(tmp_path, char_run):
+    """`tinylm sample RUN | head -1`: the reader leaves after one line, and sample stops quietly."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinylm", "sample", str(char_run), "--max_new_tokens", "100000",
+                             "--seed", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # it has begun writing
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err.decode()
+    assert err.decode().strip() == ""
+
+
 def test_the_case_list_is_the_table(tmp_path, char_run, locked):
     assert CASES == list(bad_inputs(tmp_path, char_run, locked))
 

@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(RANK_ERROR_WAIT)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of the output left (`tinylm sample RUN | head -3`): stop quietly, as `cat` does. stdout goes
+        # to /dev/null first, or Python's own flush at exit meets the closed pipe and prints an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE's exit status in a shell
     except OSError as e:
         if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):  # a path no system could use: the user's to fix
             raise  # anything else that reached here is a bug in tinylm: its traceback helps
