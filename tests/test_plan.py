@@ -5,6 +5,7 @@ its measurement is made once per machine."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -216,6 +217,17 @@ def test_the_ladder_is_valid_and_smallest_first():
                 config.ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head), 2).named_parameters()
             if name.startswith("blocks.") and p.dim() == 2)
     assert math.isfinite(plan.predicted_loss("G", 1e9, 1e9, "bpe"))
+
+
+def test_the_planner_page_shows_the_ladder_the_code_plans_with():
+    # docs/planner.md's table is what a reader compares plan: lines with; it must not drift from LADDER.
+    page = (Path(__file__).resolve().parents[1] / "docs" / "planner.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in plan.LADDER:
+            rows[cells[0]] = (tuple(int(c) for c in cells[1:6]), int(cells[6].replace(",", "")))
+    assert rows == {s: (shape, plan.block_params(*shape[:2])) for s, shape in plan.LADDER.items()}
 
 
 def test_the_fit_recovers_the_law_from_a_table_the_law_wrote():
