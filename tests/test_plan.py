@@ -133,6 +133,35 @@ def test_the_probe_is_skipped_when_cached(monkeypatch):
     assert got and set(got) <= set(plan.LADDER) and lines == []
 
 
+@pytest.mark.parametrize("load", [1.0, 2.5, 0.4])
+def test_a_new_timing_is_never_compared_with_kept_ones_from_another_load(monkeypatch, load):
+    """Kept timings of A and B, then the machine's speed changes by `load` (2.5: a burst of other work, 0.4: a
+    quiet moment): the speeds the plan compares must all be this moment's, or all be kept when it did not."""
+    quiet = {s: 4e9 / plan.block_params(*plan.LADDER[s][:2]) for s in plan.LADDER}  # tokens/s
+    by_size = {plan.LADDER[s][:2]: s for s in plan.LADDER}
+    measure.forget("train_step_seconds")
+    for shape in "AB":
+        m, batch = timings.shape_config(shape, "char")
+        measure.store("train_step_seconds", timings.key(m, batch, 65, CPU, None), batch * m.block_size / quiet[shape])
+    timed: list[str] = []
+
+    def step_seconds(m, batch, *a):
+        timed.append(by_size[m.n_layer, m.n_embd])
+        return batch * m.block_size * load / quiet[timed[-1]]
+
+    monkeypatch.setattr(timings, "step_seconds", step_seconds)
+    monkeypatch.setattr(timings, "PROBE_SHARE", 1.0)
+    lines: list[str] = []
+    got = timings.ladder_speeds(600, SHAKESPEARE, "char", 65, CPU, None, lines.append)
+    assert set(got) >= {"A", "B", "C"}
+    if load == 1.0:  # the same load: B re-timed once, the kept timings used
+        assert timed[0] == "B" and "A" not in timed and got["A"] == pytest.approx(quiet["A"])
+        assert not any("afresh" in line for line in lines)
+    else:
+        assert "A" in timed and any("afresh" in line for line in lines)
+    assert got == pytest.approx({s: quiet[s] / load for s in got})  # one load throughout
+
+
 @pytest.mark.parametrize("scale", [0.5, 1.0, 4.0])
 def test_the_probe_never_misses_the_shape_the_whole_ladder_would_plan(monkeypatch, scale):
     """Timing stops early along the ladder; it must not stop before the shape that timing every shape would

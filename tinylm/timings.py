@@ -7,6 +7,8 @@ shape is slower, so it trains on fewer tokens: tinylm/plan.py's `floor` bounds i
 below), or when the next shape's steps would take the timing past PROBE_SHARE of the budget. (Stopping at
 the first shape predicted worse than the one before it missed the best: where small shapes all reach
 MAX_PASSES, or a shape's many passes cost it more than its size gains, the loss has several minima.)
+Before a new shape's timing is set beside kept ones, the last kept shape is timed again: kept timings from a
+machine under another load are dropped, and the ladder timed afresh, so the plan compares like with like.
 
 Two kernel choices are timed here too, once per machine: the number of CPU threads (`choose_threads`)
 and, under bfloat16 autocast on a CPU, the precision attention runs in (`choose_attention`).
@@ -87,15 +89,30 @@ def ladder_speeds(budget_s: float, corpus_tokens: int, tokenizer: str, vocab: in
                   overhead: plan.Overhead = plan.Overhead()) -> dict[str, float]:
     """tokens/s of the ladder's shapes worth considering for this run, timed where not yet measured."""
     speeds: dict[str, float] = {}
-    cap, spent, best, timed = PROBE_SHARE * budget_s, 0.0, math.inf, []
+    cap, spent, best, timed, checked = PROBE_SHARE * budget_s, 0.0, math.inf, [], False
     for shape in plan.LADDER:
         m, batch = shape_config(shape, tokenizer)
+        new = measure.lookup("train_step_seconds", key(m, batch, vocab, device, dtype)) is None
         if speeds:  # the next step's cost, guessed from the last shape's speed and the parameter ratio
             previous = list(speeds)[-1]
             ratio = plan.block_params(m.n_layer, m.n_embd) / plan.block_params(*plan.LADDER[previous][:2])
             guess = STEPS * batch * m.block_size / speeds[previous] * ratio
-            if measure.lookup("train_step_seconds", key(m, batch, vocab, device, dtype)) is None and spent + guess > cap:
+            if new and spent + guess > cap:
                 break
+            if new and not checked and previous not in timed:
+                # A shape timed now is about to be compared with kept ones, timed under another load (a burst of
+                # other work once made a new shape look 2.5x slower than it trained, and the plan chose it on
+                # that figure over a smaller kept one, for a worse run). Re-time the last kept shape: if the
+                # machine's speed has moved by STALE, every kept timing goes and the ladder is timed now.
+                checked, began = True, time.perf_counter()
+                pm, pbatch = shape_config(previous, tokenizer)
+                now = pbatch * pm.block_size / step_seconds(pm, pbatch, vocab, device, dtype)
+                spent += time.perf_counter() - began
+                if max(now / speeds[previous], speeds[previous] / now) >= STALE:
+                    measure.forget("train_step_seconds")
+                    say(f"plan: shape {previous} now trains at {now:,.0f} tokens/s, its kept timing said "
+                        f"{speeds[previous]:,.0f}; the machine's load has changed, so every shape is timed afresh")
+                    return ladder_speeds(budget_s, corpus_tokens, tokenizer, vocab, device, dtype, say, overhead)
         began = time.perf_counter()
         speeds[shape], cached = speed(m, batch, vocab, device, dtype)
         if not cached:
