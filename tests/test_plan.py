@@ -4,6 +4,7 @@ its measurement is made once per machine."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -422,3 +423,21 @@ def test_dropout_comes_with_many_passes_or_a_model_large_for_its_corpus():
     assert plan.dropout_for(5.2, plan.block_params(*plan.LADDER["C"][:2]), SHAKESPEARE) == 0.0  # the 180 s plan
     assert plan.dropout_for(12.0) == 0.1 and plan.dropout_for(3.0) == 0.0  # by passes alone, as before
     assert plan.dropout_for(6.7, e, 100 * SHAKESPEARE) == 0.0  # the same model on a corpus 100x larger
+
+
+def test_a_run_starts_alike_whether_its_machine_was_timed_now_or_before(tmp_path, monkeypatch):
+    # The timings run a model of their own, seeded; a run seeded before them once started from other
+    # weights on a machine's first run (timed now) than on later ones (timings kept).
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path / "measurements"))
+    cfg = config.load(None, run_args(tmp_path, **{"train.max_time": 60, "train.max_steps": 2}))
+    def step_timings() -> dict:
+        return {k: v for k, v in json.loads(measure.cache_path().read_text()).items()
+                if v["name"] == "train_step_seconds"}
+
+    train(cfg, run_dir=tmp_path / "timed", console=Console(write=lambda line: None))
+    kept = step_timings()
+    assert len(kept) == 1  # the first run timed its shape...
+    train(cfg, run_dir=tmp_path / "kept", console=Console(write=lambda line: None))
+    assert step_timings() == kept  # ...the second did not
+    first, second = (rundir.load(tmp_path / name)[2] for name in ("timed", "kept"))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

@@ -102,8 +102,9 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.3,
     `largest`, each timed for seconds/3, until one product takes seconds/10 (a CPU without fast fp16
     multiplies about 1 GFLOP/s: a large product would take minutes)."""
     best, n = 0.0, 256
+    gen = torch.Generator(device).manual_seed(0)  # not torch's own random state, which a run has seeded
     while True:
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        a, b = (torch.randn(n, n, device=device, generator=gen).to(dtype) for _ in range(2))
         took = measure.best_time(lambda: a @ b, seconds=seconds / 3, device=device)
         best = max(best, 2 * n**3 / took)
         if took > seconds / 10 or n * 2 > largest:

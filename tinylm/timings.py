@@ -31,12 +31,19 @@ THREADS_MARGIN = 1.2  # fewer threads than the CPU has only when a step is this 
 
 
 def step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: torch.dtype | None) -> float:
-    """Seconds of one training step (forward, backward, AdamW/Muon update) of model `m` on random tokens."""
+    """Seconds of one training step (forward, backward, AdamW/Muon update) of model `m` on random tokens.
+    torch's random state is left as it was: a run seeded before it is timed must start alike whether its
+    machine was timed now or earlier (its weights once depended on it)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _step_seconds(m, batch, vocab, device, dtype)
+
+
+def _step_seconds(m: ModelConfig, batch: int, vocab: int, device: torch.device, dtype: torch.dtype | None) -> float:
     from tinylm.hardware import autocast
     from tinylm.model import GPT
     from tinylm.optim import make_optimizer
 
-    torch.manual_seed(0)
     model = GPT(m, vocab).to(device)
     optimizer = make_optimizer(model, TrainConfig(), device, dtype)
     x = torch.randint(0, vocab, (batch, m.block_size), device=device)
