@@ -301,3 +301,29 @@ def test_n_kv_head_must_divide_n_head():
         config_.load(None, {"model.n_kv_head": 3})
     assert config_.load(None, {"model.n_kv_head": 2}).model.kv_heads == 2
     assert config_.load(None).model.kv_heads == 4  # 0: every query head has its own keys and values
+
+
+def test_zero_init_starts_every_block_as_the_identity_and_predicts_uniformly_yet_learns():
+    from tinylm.config import TrainConfig
+    from tinylm.optim import make_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, dropout=0.0, tie_embeddings=False, zero_init=True)
+    model = GPT(cfg, vocab_size=50)
+    x = torch.randint(50, (3, 16))
+    h = torch.randn(3, 16, 32)
+    rope = (model.rope_cos, model.rope_sin)
+    assert all(torch.equal(block(h, rope), h) for block in model.blocks)  # x + attn(...) + mlp(...) = x
+    logits, loss = model(x, x)
+    assert torch.count_nonzero(logits) == 0 and loss.item() == pytest.approx(math.log(50))
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    for _ in range(2):  # the projections move on the first step, the layers before them from the second
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.count_nonzero(p) > 0 for p in model.parameters())
+    assert model(x, x)[1].item() < math.log(50)
+    # GPT-2's initialisation, the default, has none of those zeros; a tied head is the embedding, never zero
+    tied = GPT(ModelConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, zero_init=True), vocab_size=50)
+    assert torch.count_nonzero(tied.head.weight) == tied.head.weight.numel()
+    assert all(torch.count_nonzero(p) > 0 for p in GPT(ModelConfig(n_layer=2, n_embd=32, n_head=4), 50).parameters())

@@ -93,6 +93,42 @@ def test_muon_step_is_orthogonalised_nesterov_momentum():
     assert torch.nn.functional.cosine_similarity(step2.flatten(), (u @ vh).flatten(), dim=0) > 0.97
 
 
+def test_muon_moves_a_stacked_matrix_as_the_separate_matrices_it_stacks():
+    # qkv holds the queries', keys' and values' matrices by rows (uneven under grouped-query attention):
+    # with its rows given, Muon moves it exactly as it moves the three matrices apart.
+    torch.manual_seed(0)
+    parts = [torch.randn(16, 16), torch.randn(8, 16), torch.randn(8, 16)]
+    grads = [[torch.randn_like(w) for w in parts] for _ in range(3)]
+    stacked = torch.cat(parts).requires_grad_()
+    apart = [w.clone().requires_grad_() for w in parts]
+    kw = dict(lr=0.01, momentum=0.9, ns_dtype=torch.float32)
+    one = Muon([{"params": [stacked], "muon": True, "weight_decay": 0.1, "rows": [(16, 8, 8)]}], **kw)
+    three = Muon([{"params": apart, "muon": True, "weight_decay": 0.1}], **kw)
+    for g in grads:
+        stacked.grad, (apart[0].grad, apart[1].grad, apart[2].grad) = torch.cat(g), [x.clone() for x in g]
+        one.step()
+        three.step()
+    assert torch.allclose(stacked.detach(), torch.cat([w.detach() for w in apart]), atol=1e-6)
+    # ...which is not how it moves the stacked matrix as one
+    whole = torch.cat(parts).requires_grad_()
+    plain = Muon([{"params": [whole], "muon": True, "weight_decay": 0.1}], **kw)
+    for g in grads:
+        whole.grad = torch.cat(g)
+        plain.step()
+    assert not torch.allclose(whole.detach(), stacked.detach(), atol=1e-3)
+
+
+def test_make_optimizer_tells_muon_the_rows_of_each_stacked_matrix():
+    cfg = tiny_config(__import__("pathlib").Path("."), [], model={"n_embd": 32, "n_head": 4, "n_kv_head": 2}).model
+    model = GPT(cfg, vocab_size=20)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    rows = {names[id(p)]: r for p, r in zip(opt.param_groups[2]["params"], opt.param_groups[2]["rows"])}
+    assert rows["blocks.0.attn.qkv.weight"] == (32, 16, 16)  # 4 query heads, 2 key and 2 value heads of 8
+    assert rows["blocks.0.mlp.fc.weight"] == (cfg.mlp_width, cfg.mlp_width)  # SwiGLU's gate, up
+    assert rows["blocks.0.attn.proj.weight"] is None and rows["blocks.0.mlp.proj.weight"] is None
+
+
 def test_muon_refuses_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}])

@@ -164,6 +164,7 @@ def describe_architecture(cfg: ModelConfig) -> str:
            f"{cfg.n_head} query heads)"]
           if cfg.kv_heads != cfg.n_head else []),
         "head tied to the token embedding" if cfg.tie_embeddings else "untied head",
+        *(["output projections started at zero"] if cfg.zero_init else []),
     ]
     if cfg.bias:
         bias = "with biases: model.bias=true" + (" (RMSNorm itself has none)" if cfg.norm == "rmsnorm" else "")

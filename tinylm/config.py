@@ -73,6 +73,10 @@ class ModelConfig:
                                  "of 64 (its three matrices then hold as many parameters as two at 4 x n_embd)")
     qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2); the "
                                     "planner turns it on")
+    zero_init: bool = setting(False, "start the layers that write into the residual stream (each block's attention "
+                                     "and MLP output projections) and an untied output head at zero, as modded-nanogpt "
+                                     "does, instead of GPT-2's small random values: every block starts as the "
+                                     "identity and the first prediction is uniform; the planner turns it on")
 
     # Values derived from the fields, computed here once for every module that needs them.
 

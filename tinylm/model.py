@@ -243,9 +243,13 @@ class GPT(nn.Module):
             self.head.weight = self.tok_emb.weight  # reading and writing tokens share one matrix (GPT-2)
         self.apply(self._init)
         # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer), so its
-        # variance does not grow with depth.
+        # variance does not grow with depth. zero_init starts them (and an untied head) at zero: their
+        # gradients are not zero (their inputs are not), so they move from the first step, and the layers
+        # before them from the second.
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if cfg.zero_init and (name.endswith("proj.weight") or name == "head.weight" and not cfg.tie_embeddings):
+                nn.init.zeros_(p)
+            elif name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -289,6 +293,21 @@ class GPT(nn.Module):
         c = self.cfg
         return KVCache(c.n_layer, batch, c.kv_heads, c.block_size, c.head_size, p.device, p.dtype)
 
+
+
+def fused_rows(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The weight matrices that stack several layers' matrices by rows, and each one's rows, by parameter
+    name: attention's qkv (queries, keys, values) and a gated MLP's fc (gate, up). One matrix product
+    computes them all; Muon (tinylm/optim.py) still orthogonalises each on its own, as separate layers."""
+    rows = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, CausalSelfAttention):
+            kv_width = module.n_kv_head * module.head_size
+            rows[f"{prefix}qkv.weight"] = (module.n_head * module.head_size, kv_width, kv_width)
+        elif isinstance(module, MLP) and module.gated:
+            rows[f"{prefix}fc.weight"] = (module.proj.in_features,) * 2
+    return rows
 
 
 @torch.no_grad()

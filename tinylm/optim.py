@@ -7,7 +7,10 @@ moves at the same rate instead of a few dominant ones taking over. A few Newton-
 compute U V^T approximately using only matrix products (no SVD), so it is cheap next to a training step.
 
 Muon suits the hidden weight matrices (attention and MLP inside the blocks). Embeddings, the output
-head, biases and norm gains keep AdamW, as in the reference implementation. Both kinds live in one
+head, biases and norm gains keep AdamW, as in the reference implementation. A matrix that stacks several
+layers' (attention's queries, keys and values; SwiGLU's gate and up) is orthogonalised layer by layer, as
+if they were apart (a group's `rows`): on tiny Shakespeare's characters (3 layers, 128 wide, 1,000 steps)
+that took the validation loss from 1.5481 to 1.5289. Both kinds live in one
 `torch.optim.Optimizer` (param groups with `muon: True` or not), so training code steps, zeroes, saves
 and restores it like any other optimizer.
 
@@ -32,6 +35,7 @@ from collections import defaultdict
 import torch
 
 from tinylm.config import TrainConfig
+from tinylm.model import fused_rows
 
 # Coefficients of the quintic iteration x <- a x + b (x x^T) x + c (x x^T)^2 x from Keller Jordan's Muon:
 # chosen to push every singular value in (0, 1] towards 1 as fast as possible in five steps (they end
@@ -147,23 +151,31 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        # Matrices of one shape are orthogonalised together as a batch: fewer, larger matrix products.
-        by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
-        for p in params:
-            by_shape[p.shape].append(p)
         beta, lr = group["momentum"], group["lr"]
-        for shape, ps in by_shape.items():
-            grads = [p.grad for p in ps]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
-            # Updates counted per tensor, as AdamW counts them (a skipped step is visible in the state).
-            torch._foreach_add_([self.state[p].setdefault("step", torch.tensor(0.0)) for p in ps], 1.0)
-            torch._foreach_lerp_(bufs, grads, 1 - beta)  # momentum: buf = beta * buf + (1 - beta) * grad
-            nesterov = torch._foreach_lerp(grads, bufs, beta)  # look ahead: grad + beta * (buf - grad)
-            update = orthogonalize(torch.stack(nesterov), dtype=self.ns_dtype)
-            scale = max(1.0, shape[0] / shape[1]) ** 0.5
-            if group["weight_decay"]:
-                torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(ps, list(update.to(ps[0].dtype).unbind(0)), alpha=-lr * group["lr_scale"] * scale)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        # Updates counted per tensor, as AdamW counts them (a skipped step is visible in the state).
+        torch._foreach_add_([self.state[p].setdefault("step", torch.tensor(0.0)) for p in params], 1.0)
+        torch._foreach_lerp_(bufs, grads, 1 - beta)  # momentum: buf = beta * buf + (1 - beta) * grad
+        nesterov = torch._foreach_lerp(grads, bufs, beta)  # look ahead: grad + beta * (buf - grad)
+        # A matrix that stacks several layers' (group["rows"]) is orthogonalised part by part, as they would
+        # be apart; parts of one shape together, as a batch: fewer, larger matrix products.
+        rows = dict(zip(map(id, group["params"]), group.get("rows") or [None] * len(group["params"])))
+        parts = [m.split(list(rows[id(p)] or [len(p)])) for p, m in zip(params, nesterov)]
+        by_shape: dict[torch.Size, list[tuple[int, int]]] = defaultdict(list)
+        for i, pieces in enumerate(parts):
+            for j, piece in enumerate(pieces):
+                by_shape[piece.shape].append((i, j))
+        updates = [list(pieces) for pieces in parts]
+        for shape, where in by_shape.items():
+            done = orthogonalize(torch.stack([parts[i][j] for i, j in where]), dtype=self.ns_dtype)
+            done = done * max(1.0, shape[0] / shape[1]) ** 0.5  # tall parts: updates of the same scale
+            for (i, j), update in zip(where, done.unbind(0)):
+                updates[i][j] = update
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, [torch.cat(u).to(p.dtype) for p, u in zip(params, updates)],
+                            alpha=-lr * group["lr_scale"])
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         adamw_step(params, self.state, group, self.fused)
@@ -181,10 +193,13 @@ def make_optimizer(
     instead, at peak rate train.muon_lr and in `dtype`'s precision where that is bfloat16; embeddings,
     the output head, biases and norm gains stay with AdamW. Param groups: [0] decayed by AdamW, [1] not
     decayed, [2] Muon. Muon's Newton-Schulz products run in the autocast precision (bfloat16 or float16:
-    both hold a normalised matrix well), else float32.
+    both hold a normalised matrix well), else float32. Muon orthogonalises the queries', keys' and values'
+    rows of attention's qkv matrix apart, and a gated MLP's gate and up rows (tinylm/model.py's fused_rows).
     """
     named = list(model.named_parameters())
-    muon = [p for n, p in named if t.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    matrices = [(n, p) for n, p in named if t.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    muon, stacked = [p for _, p in matrices], fused_rows(model)
+    rows = [stacked.get(n) for n, _ in matrices]  # the rows of each layer a matrix stacks (qkv, a gated fc)
     taken = {id(p) for p in muon}
     decay = [p for _, p in named if p.dim() >= 2 and id(p) not in taken]
     no_decay = [p for _, p in named if p.dim() < 2]
@@ -192,7 +207,8 @@ def make_optimizer(
     fused = device.type in ("cuda", "cpu")  # one kernel for all tensors: fewer passes over memory
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
-    groups.append({"params": muon, "muon": True, "weight_decay": t.weight_decay, "lr_scale": t.muon_lr / t.lr})
+    groups.append({"params": muon, "muon": True, "weight_decay": t.weight_decay, "lr_scale": t.muon_lr / t.lr,
+                   "rows": rows})
     return Muon(groups, lr=t.lr, betas=(t.beta1, t.beta2), ns_dtype=dtype or torch.float32, fused=fused)
 
 
