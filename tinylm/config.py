@@ -54,11 +54,9 @@ class ModelConfig:
     block_size: int = setting(128, "context length: how many tokens the model sees at once")
     bias: bool = setting(False, "biases in Linear and LayerNorm layers (the b in y = w*x + b); off (Llama) is as "
                                 "good and faster, true (GPT-2) adds a bias to every layer")
-    dropout: float = setting(0.1, "fraction of activations zeroed while training, against overfitting a small "
-                                  "text: the default run sees the built-in corpus about 10 times in 3 minutes, and "
-                                  "0.1 gave val loss 4.79 there instead of 5.27 with 0 (measured with dropout on the "
-                                  "attention weights too). Applied to the embeddings and to each attention and MLP "
-                                  "output, not to the attention weights")
+    dropout: float = setting(0.1, "fraction of activations zeroed while training, against overfitting a small text "
+                                  "(the built-in corpus, seen about 10 times: 0.1 gave val loss 4.79, 0 gave 5.27); "
+                                  "on the embeddings and each attention and MLP output, not the attention weights")
     tie_embeddings: bool = setting(True, "the output head shares the token embedding matrix (GPT-2 does); the planner "
                                           "unties it for characters")
     pos: str = setting("rope", "position information: learned (GPT-2's table of position embeddings) or rope "
@@ -73,10 +71,8 @@ class ModelConfig:
                                  "of 64 (its three matrices then hold as many parameters as two at 4 x n_embd)")
     qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention (Qwen3, OLMo 2); the "
                                     "planner turns it on")
-    zero_init: bool = setting(False, "start the layers that write into the residual stream (each block's attention "
-                                     "and MLP output projections) and an untied output head at zero, as modded-nanogpt "
-                                     "does, instead of GPT-2's small random values: every block starts as the "
-                                     "identity and the first prediction is uniform; the planner turns it on")
+    zero_init: bool = setting(False, "start the attention and MLP output projections and an untied head at zero "
+                                     "(every block starts as the identity); the planner turns it on")
 
     # Values derived from the fields, computed here once for every module that needs them.
 
